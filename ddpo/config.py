@@ -1,0 +1,322 @@
+"""The configuration schema and the one place that turns a composed config into components.
+
+Nothing else in ``ddpo`` knows about Hydra: the trainer receives plain dataclasses and objects.
+The values and their explanations live in ``conf/config.yaml``; the schema here fixes the types.
+"""
+
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ddpo.errors import ConfigError
+
+
+class MixedPrecision(enum.Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = MISSING
+    eta: float = MISSING
+    guidance_scale: float = MISSING
+    batch_size: int = MISSING
+    num_batches_per_epoch: int = MISSING
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = MISSING
+    learning_rate: float = MISSING
+    adam_beta1: float = MISSING
+    adam_beta2: float = MISSING
+    adam_weight_decay: float = MISSING
+    adam_epsilon: float = MISSING
+    gradient_accumulation_steps: int = MISSING
+    max_grad_norm: float = MISSING
+    num_inner_epochs: int = MISSING
+    cfg: bool = MISSING
+    adv_clip_max: float = MISSING
+    clip_range: float = MISSING
+    timestep_fraction: float = MISSING
+    timesteps_per_call: int = MISSING
+
+
+@dataclass
+class StatTrackingConfig:
+    enabled: bool = MISSING
+    buffer_size: int = MISSING
+    min_count: int = MISSING
+
+
+@dataclass
+class RunConfig:
+    """Everything the loop reads (the component groups are built by ``build``)."""
+
+    seed: int = MISSING
+    num_epochs: int = MISSING
+    save_freq: int = MISSING
+    checkpoints_total_limit: Optional[int] = MISSING
+    resume_from: Optional[str] = MISSING
+    mixed_precision: MixedPrecision = MISSING
+    allow_tf32: bool = MISSING
+    use_lora: bool = MISSING
+    lora_rank: int = MISSING
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    per_prompt_stat_tracking: StatTrackingConfig = field(default_factory=StatTrackingConfig)
+
+
+@dataclass
+class Config(RunConfig):
+    model: Any = MISSING
+    pipeline: Any = MISSING
+    reward: Any = MISSING
+    prompt: Any = MISSING
+    logger: Any = MISSING
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="ddpo_schema", node=Config)
+
+
+# -- validation ---------------------------------------------------------------------------------
+@dataclass
+class BatchPlan:
+    """The batch arithmetic of one epoch, per process and in total."""
+
+    world_size: int
+    samples_per_epoch_per_process: int
+    train_batches_per_epoch: int
+    optimizer_steps_per_epoch: int
+    trained_timesteps: int
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.samples_per_epoch_per_process * self.world_size
+
+    def summary(self, run: RunConfig) -> str:
+        s, t = run.sample, run.train
+        return (
+            f"world size {self.world_size}; per epoch: {self.samples_per_epoch} samples "
+            f"({self.world_size} process(es) x {s.num_batches_per_epoch} batches x {s.batch_size}), "
+            f"{self.optimizer_steps_per_epoch * t.num_inner_epochs} optimizer steps "
+            f"({t.num_inner_epochs} inner epoch(s) x {self.optimizer_steps_per_epoch}; global train batch "
+            f"{t.batch_size * self.world_size * t.gradient_accumulation_steps} samples x "
+            f"{self.trained_timesteps} of {s.num_steps} timesteps)"
+        )
+
+
+def plan_batches(run: RunConfig, world_size: int = 1) -> BatchPlan:
+    """Check the run's numbers and return its batch arithmetic; ConfigError names the bad key."""
+    s, t = run.sample, run.train
+
+    def positive(key: str, value) -> None:
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0 (got {value})")
+
+    for key in ("num_steps", "batch_size", "num_batches_per_epoch"):
+        positive(f"sample.{key}", getattr(s, key))
+    for key in ("batch_size", "gradient_accumulation_steps", "num_inner_epochs", "timesteps_per_call",
+                "max_grad_norm", "clip_range", "adv_clip_max"):
+        positive(f"train.{key}", getattr(t, key))
+    if t.learning_rate < 0:
+        raise ConfigError(f"train.learning_rate must be >= 0 (got {t.learning_rate})")
+    positive("num_epochs", run.num_epochs)
+    positive("save_freq", run.save_freq)
+    positive("lora_rank", run.lora_rank)
+    if run.checkpoints_total_limit is not None:
+        positive("checkpoints_total_limit", run.checkpoints_total_limit)
+    if s.eta <= 0:
+        raise ConfigError(
+            f"sample.eta must be > 0 (got {s.eta}): DDPO needs a stochastic DDIM step to have log probabilities"
+        )
+    if not 0 < t.timestep_fraction <= 1:
+        raise ConfigError(f"train.timestep_fraction must be in (0, 1] (got {t.timestep_fraction})")
+    st = run.per_prompt_stat_tracking
+    if st.enabled:
+        positive("per_prompt_stat_tracking.buffer_size", st.buffer_size)
+        if st.min_count < 0:
+            raise ConfigError(f"per_prompt_stat_tracking.min_count must be >= 0 (got {st.min_count})")
+
+    per_process = s.batch_size * s.num_batches_per_epoch
+    if per_process % t.batch_size:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} does not divide the samples per epoch per process "
+            f"(sample.batch_size x sample.num_batches_per_epoch = {s.batch_size} x "
+            f"{s.num_batches_per_epoch} = {per_process})"
+        )
+    train_batches = per_process // t.batch_size
+    if train_batches % t.gradient_accumulation_steps:
+        raise ConfigError(
+            f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} does not divide the "
+            f"{train_batches} training batches per epoch (samples per epoch per process {per_process} / "
+            f"train.batch_size {t.batch_size})"
+        )
+    return BatchPlan(
+        world_size=world_size,
+        samples_per_epoch_per_process=per_process,
+        train_batches_per_epoch=train_batches,
+        optimizer_steps_per_epoch=train_batches // t.gradient_accumulation_steps,
+        trained_timesteps=max(1, int(s.num_steps * t.timestep_fraction)),
+    )
+
+
+def run_config(cfg: DictConfig) -> RunConfig:
+    """The typed, plain-Python part of the config that the loop reads."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for group in ("model", "pipeline", "reward", "prompt", "logger"):
+        data.pop(group, None)
+    data.pop("experiment", None)
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
+    return OmegaConf.to_object(merged)
+
+
+# -- building -----------------------------------------------------------------------------------
+def _instantiate(node, what: str, **kwargs):
+    """hydra.utils.instantiate with the error reduced to one line that names the config group."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from ddpo.errors import DDPOError
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, DDPOError):
+            raise cause from None
+        detail = f"{type(cause).__name__}: {cause}" if cause else str(exc).splitlines()[0]
+        raise ConfigError(f"cannot build {what} ({node.get('_target_')}): {detail}") from None
+
+
+def _make_accelerator(run: RunConfig, run_dir: str, backend: str):
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+
+    state = PartialState()
+    # every rank writes into rank 0's run directory (Hydra's ${now:} can differ between ranks)
+    if state.num_processes > 1:
+        run_dir = broadcast_object_list([run_dir])[0]
+    accelerator = Accelerator(
+        mixed_precision=run.mixed_precision.value,
+        log_with=None if backend == "none" else backend,
+        project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=run_dir),
+    )
+    return accelerator, run_dir
+
+
+def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward"):
+    """Validate ``cfg`` and build every component of a run (the trainer's ``Components``)."""
+    import torch
+
+    from ddpo.logging import RunTracker
+    from ddpo.trainer import Components
+
+    run = run_config(cfg)
+    plan_batches(run)  # fail on bad numbers before anything heavy is loaded
+    logger_cfg = cfg.logger
+    backend = logger_cfg.backend
+    if backend not in ("tensorboard", "wandb", "none"):
+        raise ConfigError(f"logger.backend must be tensorboard, wandb or none (got {backend!r})")
+    accelerator, run_dir = _make_accelerator(run, run_dir, backend)
+    plan = plan_batches(run, accelerator.num_processes)
+    torch.backends.cuda.matmul.allow_tf32 = run.allow_tf32
+    torch.backends.cudnn.allow_tf32 = run.allow_tf32
+    if accelerator.is_main_process:
+        os.makedirs(run_dir, exist_ok=True)
+    prompt_fn = _instantiate(cfg.prompt, "the prompt set (prompt=...)")
+    reward_fn = _instantiate(cfg.reward, "the reward (reward=...)")
+    if hasattr(reward_fn, "to"):
+        reward_fn.to(accelerator.device, dtype=None if run.mixed_precision.value == "no" else
+                     {"fp16": torch.float16, "bf16": torch.bfloat16}[run.mixed_precision.value])
+    components = _instantiate(cfg.model, "the model (model=...)")
+    pipeline = _instantiate(
+        cfg.pipeline,
+        "the pipeline (pipeline=...)",
+        components=components,
+        use_lora=run.use_lora,
+        lora_rank=run.lora_rank,
+        mixed_precision=run.mixed_precision.value,
+        device=accelerator.device,
+        resolution=cfg.model.get("resolution"),
+    )
+    hook_cfg = logger_cfg.get("image_hook")
+    image_hook = _instantiate(hook_cfg, "the image hook (logger.image_hook)") if hook_cfg else None
+
+    if backend != "none":
+        init_kwargs = {}
+        if backend == "wandb":
+            os.environ.setdefault("WANDB_DIR", run_dir)
+            init_kwargs["wandb"] = {
+                "dir": run_dir,
+                "name": logger_cfg.get("name") or os.path.basename(run_dir),
+                "entity": logger_cfg.get("entity"),
+                "mode": logger_cfg.get("mode"),
+            }
+        accelerator.init_trackers(
+            logger_cfg.get("project", "ddpo"),
+            config=_flat_config(cfg),
+            init_kwargs=init_kwargs,
+        )
+    tracker = RunTracker(accelerator, backend, run_dir)
+    return run, Components(
+        accelerator=accelerator,
+        pipeline=pipeline,
+        reward_fn=reward_fn,
+        reward_name=reward_name,
+        prompt_fn=prompt_fn,
+        tracker=tracker,
+        image_hook=image_hook,
+        run_dir=run_dir,
+        plan=plan,
+    )
+
+
+def _flat_config(cfg: DictConfig) -> dict:
+    """Scalars of the config as flat ``a.b.c`` keys (what trackers display as hyperparameters)."""
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            elif isinstance(value, (int, float, str, bool)):
+                flat[name] = value
+            elif value is None:
+                flat[name] = "null"
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def main(cfg: DictConfig) -> float | None:
+    """What ``train.py`` runs: build from the composed config, train, and return the final reward.
+
+    A ``DDPOError`` (bad value, missing file, failing reward, unloadable model) ends the process
+    with its one-line message and exit status 1, without a traceback.
+    """
+    import logging
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from ddpo.errors import DDPOError
+    from ddpo.trainer import train
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
+    reward_name = hydra_cfg.runtime.choices.get("reward", "reward")
+    try:
+        run, components = build(cfg, run_dir, reward_name=reward_name)
+        return train(components, run)
+    except DDPOError as exc:
+        logging.getLogger("ddpo").error("%s", exc)
+        sys.exit(f"error: {exc}")

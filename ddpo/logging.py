@@ -1,0 +1,155 @@
+"""Run records: metrics.jsonl, the tracker handed to image hooks, image grids and the reward curve."""
+
+import json
+import math
+import os
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsFile:
+    """One JSON object per epoch, appended as each epoch ends (readable while the run goes on)."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, METRICS_FILE)
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def keep_epochs_before(self, epoch: int) -> None:
+        """Drop records of epochs >= ``epoch`` (they are redone after a resume)."""
+        records = [r for r in self.read() if r["epoch"] < epoch]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+def to_pil(image):
+    """A PIL image from a PIL image, an HWC/CHW array or tensor in [0, 1] or uint8."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().numpy()
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return Image.fromarray(array)
+
+
+def image_grid(images: list, captions: list[str], tile: int = 256):
+    """Tiles with their captions underneath, up to 8 per row."""
+    from PIL import Image, ImageDraw
+
+    columns = min(8, len(images))
+    rows = math.ceil(len(images) / columns)
+    caption_height = 14
+    grid = Image.new("RGB", (columns * tile, rows * (tile + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * tile, (i // columns) * (tile + caption_height)
+        grid.paste(to_pil(image).convert("RGB").resize((tile, tile)), (x, y))
+        draw.text((x + 2, y + tile + 1), caption[: tile // 6], fill="black")
+    return grid
+
+
+class RunTracker:
+    """The tracker a run logs to, the same surface for every logger.
+
+    ``log(values, step)`` takes scalars; ``log_images({caption: image or [images]}, step)`` takes
+    PIL images, arrays or tensors, so a hook written for wandb (``[PIL image]`` values) also works
+    with tensorboard and with no logger. Every call to ``log_images`` also writes a captioned grid
+    to ``<run>/images/step_<step>.png``, so images are on disk whatever the logger.
+    """
+
+    def __init__(self, accelerator, backend: str, run_dir: str):
+        self.accelerator = accelerator
+        self.backend = backend
+        self.image_dir = os.path.join(run_dir, "images")
+
+    def log(self, values: dict[str, Any], step: int | None = None) -> None:
+        if self.backend != "none":
+            self.accelerator.log(values, step=step)
+
+    def log_images(self, values: dict[str, Any], step: int | None = None, **kwargs) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        flat: list[tuple[str, Any]] = []
+        for caption, images in values.items():
+            images = images if isinstance(images, (list, tuple)) else [images]
+            flat.extend((caption if len(images) == 1 else f"{caption} ({i})", img) for i, img in enumerate(images))
+        pils = [to_pil(img) for _, img in flat]
+        if self.backend == "wandb":
+            import wandb
+
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            run.log({"images": [wandb.Image(p, caption=c) for (c, _), p in zip(flat, pils)]}, step=step)
+        elif self.backend == "tensorboard":
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            for i, ((caption, _), pil) in enumerate(zip(flat, pils)):
+                writer.add_image(f"images/{i:02d} {caption}", np.asarray(pil.convert("RGB")), step, dataformats="HWC")
+            writer.flush()
+        os.makedirs(self.image_dir, exist_ok=True)
+        image_grid(pils, [c for c, _ in flat]).save(os.path.join(self.image_dir, f"step_{step or 0:06d}.png"))
+
+    def finish(self) -> None:
+        if self.backend != "none":
+            self.accelerator.end_training()
+
+
+def log_last_batch_images(image_data, global_step: int, accelerate_logger, size: int = 256) -> None:
+    """Default image hook: the last sample batch, ``size`` px, captioned ``prompt | reward``."""
+    images, prompts, _, rewards = image_data[-1]
+    accelerate_logger.log_images(
+        {
+            f"{i:02d}: {prompt:.25} | {float(reward):.2f}": [to_pil(image).resize((size, size))]
+            for i, (image, prompt, reward) in enumerate(zip(images, prompts, rewards))
+        },
+        step=global_step,
+    )
+
+
+def plot_reward_curve(records: list[dict], path: str, title: str = "") -> None:
+    """reward_mean +- reward_std per epoch, written as a PNG."""
+    if not records:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = np.array([r["epoch"] for r in records])
+    mean = np.array([r["reward_mean"] for r in records])
+    std = np.array([r["reward_std"] for r in records])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, mean, marker="o", markersize=3)
+    ax.fill_between(epochs, mean - std, mean + std, alpha=0.25)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reward (mean ± std)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+ImageHook = Callable[[list, int, RunTracker], None]

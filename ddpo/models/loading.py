@@ -1,0 +1,41 @@
+"""Loading Stable Diffusion components from the Hugging Face Hub or a local directory."""
+
+import os
+
+from ddpo.errors import ConfigError
+
+
+def load_stable_diffusion(path: str, revision: str | None = None, variant: str | None = None):
+    """A diffusers ``StableDiffusionPipeline`` (float32, CPU) from a hub id or a local directory.
+
+    Hub downloads are cached by huggingface_hub as usual. Failure to load (offline, wrong id,
+    incomplete directory) stops the run with one line instead of a long traceback.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    local = os.path.isdir(os.path.expanduser(path))
+    source = os.path.abspath(os.path.expanduser(path)) if local else path
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            source,
+            revision=None if local else revision,
+            variant=variant,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except Exception as exc:  # diffusers/hub raise many types; all mean "cannot load this model"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = f"local directory {source}" if local else f"hub model {path!r}"
+        raise ConfigError(
+            f"cannot load {where} ({reason[:200]}); without network access use model=tiny, "
+            "or model.path=<directory saved with save_pretrained>"
+        ) from None
+
+
+def tiny_model(path: str | None = None, seed: int = 0, resolution: int = 64):
+    """The tiny local model: built from configs, or loaded from ``path`` if given."""
+    if path:
+        return load_stable_diffusion(path)
+    from ddpo.models.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=seed, resolution=resolution)

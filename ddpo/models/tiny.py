@@ -1,0 +1,97 @@
+"""A small Stable Diffusion pipeline built from configs with a fixed seed: no file, no network.
+
+Built so that DDPO's learning is visible within minutes on a CPU:
+- the VAE is shallow (one layer per level, no attention), so a decoded image is a
+  near-local function of the latent and its JPEG size follows the latent's texture instead of
+  being dominated by the random decoder's own patterns;
+- the UNet is small (16x16 latents, cross-attention at the inner level only, where it is cheap)
+  but is the same class and call signature as Stable Diffusion's, so LoRA targets the same
+  projections;
+- the text encoder is a 2-layer CLIP on the real CLIP vocabulary, so any prompt tokenises.
+"""
+
+import torch
+
+from ddpo.models.tokenizer import build_clip_tokenizer
+
+
+def _seeded(seed: int, build):
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def build_tiny_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32):
+    """Return a ``StableDiffusionPipeline`` of tiny random modules (deterministic in ``seed``)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if resolution % 8:
+        raise ValueError(f"tiny model resolution must be a multiple of 8, got {resolution}")
+    latent_size = resolution // 4
+
+    def build():
+        unet = UNet2DConditionModel(
+            sample_size=latent_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=text_dim,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=resolution,
+            mid_block_add_attention=False,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=text_dim,
+                intermediate_size=4 * text_dim,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+            )
+        )
+        return unet, vae, text_encoder
+
+    unet, vae, text_encoder = _seeded(seed, build)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=build_clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe

@@ -1,0 +1,184 @@
+"""DDPO on Stable Diffusion 1.x / 2.x components from diffusers (epsilon or v-prediction)."""
+
+import contextlib
+import os
+
+import torch
+
+from ddpo.pipelines.base import DDPOPipeline, SampleBatch
+from ddpo.schedulers.ddim import ddim_step_with_logprob
+
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class StableDiffusionDDPOPipeline(DDPOPipeline):
+    """Wraps a diffusers ``StableDiffusionPipeline``; the scheduler is replaced by DDIM.
+
+    Only the UNet is trained: its LoRA adapters (``use_lora``) or all of its weights. Frozen
+    modules are cast to the mixed-precision dtype; trainable weights stay in float32 and the
+    forward passes run under autocast.
+    """
+
+    def __init__(
+        self,
+        components,
+        *,
+        use_lora: bool = True,
+        lora_rank: int = 4,
+        mixed_precision: str = "no",
+        device: str | torch.device = "cpu",
+        resolution: int | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        from diffusers import DDIMScheduler
+
+        self.sd = components
+        self.unet = components.unet
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
+        self.device = torch.device(device)
+        self.use_lora = use_lora
+        self.dtype = _DTYPES[mixed_precision]
+        self.resolution = resolution or self.unet.config.sample_size * self.vae_scale_factor
+        if self.resolution % self.vae_scale_factor:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of {self.vae_scale_factor}")
+
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        frozen = [self.vae, self.text_encoder] + ([self.unet] if use_lora else [])
+        for module in frozen:
+            module.to(self.device)
+            if self.dtype != torch.float32:
+                module.to(dtype=self.dtype)
+        if use_lora:
+            from peft import LoraConfig
+
+            self.unet.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=LORA_TARGET_MODULES,
+                )
+            )
+            for p in self.unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            self.unet.to(self.device).float().requires_grad_(True)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self._denoiser = self.unet
+        self._negative_embeds = None
+        self._progress = None
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.unet
+
+    def use_wrapped(self, wrapped: torch.nn.Module) -> None:
+        self._denoiser = wrapped
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # -- conditioning ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def negative_embeds(self, batch_size: int) -> torch.Tensor:
+        if self._negative_embeds is None:
+            self._negative_embeds = self.encode_prompts([""])
+        return self._negative_embeds.expand(batch_size, -1, -1)
+
+    # -- the policy --------------------------------------------------------------------------
+    def _guided_output(self, latents, timesteps, prompt_embeds, guidance_scale, cfg):
+        if cfg:
+            embeds = torch.cat([self.negative_embeds(len(latents)), prompt_embeds])
+            model_in = torch.cat([latents, latents])
+            t_in = torch.cat([timesteps, timesteps])
+        else:
+            embeds, model_in, t_in = prompt_embeds, latents, timesteps
+        model_in = self.scheduler.scale_model_input(model_in, t_in)
+        with self._autocast():
+            output = self._denoiser(model_in, t_in, embeds).sample
+        output = output.float()
+        if not cfg:
+            return output
+        uncond, cond = output.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def sample(self, prompt_embeds, *, num_steps, guidance_scale, eta, generator=None) -> SampleBatch:
+        batch = prompt_embeds.shape[0]
+        self.scheduler.set_timesteps(num_steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        size = self.resolution // self.vae_scale_factor
+        shape = (batch, self.unet.config.in_channels, size, size)
+        latents = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+        latents = latents * self.scheduler.init_noise_sigma
+        trajectory, log_probs = [latents], []
+        steps = self._progress(timesteps) if self._progress else timesteps
+        for t in steps:
+            t_batch = t.expand(batch)
+            output = self._guided_output(latents, t_batch, prompt_embeds, guidance_scale, cfg=guidance_scale != 1.0)
+            latents, log_prob = ddim_step_with_logprob(
+                self.scheduler, output, t_batch, latents, eta=eta, generator=generator
+            )
+            trajectory.append(latents)
+            log_probs.append(log_prob)
+        chain = torch.stack(trajectory, dim=1)
+        return SampleBatch(
+            prompt_embeds=prompt_embeds,
+            timesteps=timesteps.expand(batch, -1).clone(),
+            latents=chain[:, :-1],
+            next_latents=chain[:, 1:],
+            log_probs=torch.stack(log_probs, dim=1),
+            images=self.decode(latents),
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            images = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def log_prob(self, latents, next_latents, timesteps, prompt_embeds, *, guidance_scale, eta, cfg=True):
+        output = self._guided_output(latents, timesteps, prompt_embeds, guidance_scale, cfg=cfg)
+        _, log_prob = ddim_step_with_logprob(
+            self.scheduler, output, timesteps, latents, eta=eta, prev_sample=next_latents
+        )
+        return log_prob
+
+    # -- export ------------------------------------------------------------------------------
+    def save_final(self, directory: str) -> list[str]:
+        os.makedirs(directory, exist_ok=True)
+        if self.use_lora:
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+            return [os.path.join(directory, "pytorch_lora_weights.safetensors")]
+        unet_dir = os.path.join(directory, "unet")
+        self.unet.save_pretrained(unet_dir)
+        return [unet_dir]

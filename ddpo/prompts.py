@@ -1,0 +1,180 @@
+"""Prompt sets: callables that draw one prompt (plus small metadata) per call.
+
+A prompt set is built by Hydra (``instantiate(cfg.prompt)``) and called as
+``prompt_set(rng) -> (prompt, metadata)``, where ``rng`` is a
+``random.Random``. All randomness comes from that ``rng``, so the same seed
+gives the same sequence of prompts. ``metadata`` is a small JSON-serialisable
+dict. Word lists are read once, at construction, from the package data in
+``ddpo/assets`` (located with ``importlib.resources``).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib.resources
+import os
+import random
+from typing import Any
+
+from ddpo.errors import ConfigError
+
+__all__ = [
+    "PromptSet",
+    "WordListPrompts",
+    "SimpleAnimals",
+    "ImagenetAnimals",
+    "NounsActivities",
+    "FilePrompts",
+    "load_asset_lines",
+]
+
+_ASSET_PACKAGE = "ddpo.assets"
+
+
+def _parse_lines(text: str) -> list[str]:
+    """One entry per line; surrounding whitespace stripped, blank lines dropped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_asset_lines(name: str) -> list[str]:
+    """Read the non-blank lines of the word list ``name`` shipped in ``ddpo/assets``."""
+    resource = importlib.resources.files(_ASSET_PACKAGE).joinpath(name)
+    if not resource.is_file():
+        available = sorted(
+            entry.name
+            for entry in importlib.resources.files(_ASSET_PACKAGE).iterdir()
+            if entry.name.endswith(".txt")
+        )
+        raise ConfigError(
+            f"word list {name!r} is not in the package data ddpo/assets "
+            f"(available: {', '.join(available)})"
+        )
+    lines = _parse_lines(resource.read_text(encoding="utf-8"))
+    if not lines:
+        raise ConfigError(f"word list {name!r} in ddpo/assets has no entries")
+    return lines
+
+
+def _article(word: str) -> str:
+    """Indefinite article for ``word`` (simple vowel rule: 'an ant', 'a cat')."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+class PromptSet(abc.ABC):
+    """Base class of prompt sets.
+
+    ``__call__(rng)`` returns ``(prompt, metadata)`` using only ``rng`` for
+    randomness; ``__len__`` is the number of distinct prompts it can produce.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, rng: random.Random) -> tuple[str, dict[str, Any]]:
+        ...
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        ...
+
+
+class WordListPrompts(PromptSet):
+    """Prompt is one word (line) drawn uniformly from a package-data word list."""
+
+    def __init__(self, words_file: str) -> None:
+        self.words_file = words_file
+        self.words: list[str] = load_asset_lines(words_file)
+
+    def __call__(self, rng: random.Random) -> tuple[str, dict[str, Any]]:
+        word = rng.choice(self.words)
+        return word, {"class": word}
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(words_file={self.words_file!r}, n={len(self)})"
+
+
+class SimpleAnimals(WordListPrompts):
+    """The 45 common animals of the DDPO aesthetic-quality experiment; prompt e.g. ``"cat"``."""
+
+    def __init__(self, words_file: str = "simple_animals.txt") -> None:
+        super().__init__(words_file)
+
+
+class ImagenetAnimals(WordListPrompts):
+    """The 398 ImageNet-1k animal classes (indices 0-397, "tench" .. "puffer")."""
+
+    def __init__(self, words_file: str = "imagenet_animals.txt") -> None:
+        super().__init__(words_file)
+
+
+class NounsActivities(PromptSet):
+    """Prompt ``"<a/an> <noun> <activity>"``, e.g. ``"a cat riding a bike"``.
+
+    Noun and activity are drawn independently and uniformly; metadata is
+    ``{"noun": ..., "activity": ...}``.
+    """
+
+    def __init__(
+        self,
+        nouns_file: str = "simple_animals.txt",
+        activities_file: str = "activities.txt",
+    ) -> None:
+        self.nouns_file = nouns_file
+        self.activities_file = activities_file
+        self.nouns: list[str] = load_asset_lines(nouns_file)
+        self.activities: list[str] = load_asset_lines(activities_file)
+
+    def __call__(self, rng: random.Random) -> tuple[str, dict[str, Any]]:
+        noun = rng.choice(self.nouns)
+        activity = rng.choice(self.activities)
+        prompt = f"{_article(noun)} {noun} {activity}"
+        return prompt, {"noun": noun, "activity": activity}
+
+    def __len__(self) -> int:
+        return len(self.nouns) * len(self.activities)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(nouns_file={self.nouns_file!r}, "
+            f"activities_file={self.activities_file!r}, n={len(self)})"
+        )
+
+
+class FilePrompts(PromptSet):
+    """Prompts read from a user text file: one prompt per line.
+
+    Blank lines and surrounding whitespace are ignored. A relative ``path`` is
+    resolved against the current working directory (the directory the run was
+    launched from; Hydra does not change it). Metadata is empty.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"prompt file not found: {self.path} (set prompt.path)"
+            ) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"cannot read prompt file {self.path} (prompt.path): {e}"
+            ) from None
+        self.prompts: list[str] = _parse_lines(text)
+        if not self.prompts:
+            raise ConfigError(
+                f"prompt file {self.path} (prompt.path) contains no prompts"
+            )
+
+    def __call__(self, rng: random.Random) -> tuple[str, dict[str, Any]]:
+        # Drawn over lines, so a prompt repeated in the file is drawn more often.
+        return rng.choice(self.prompts), {}
+
+    def __len__(self) -> int:
+        # Number of distinct prompts (repeated lines counted once).
+        return len(set(self.prompts))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={self.path!r}, n={len(self)})"

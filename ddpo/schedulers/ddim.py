@@ -1,0 +1,113 @@
+"""DDIM step that also returns the log probability of the transition.
+
+A pure function of the scheduler's configuration and its current schedule, so the same code
+computes the log probability while sampling and again, with gradients, while training.
+"""
+
+import math
+
+import torch
+
+from ddpo.errors import ConfigError
+
+
+def previous_timestep(scheduler, timestep: torch.Tensor) -> torch.Tensor:
+    """The timestep that follows ``timestep`` in the scheduler's actual schedule, -1 after the last.
+
+    Reading it from ``scheduler.timesteps`` honours timestep_spacing and steps_offset; the usual
+    ``t - num_train_timesteps // num_inference_steps`` is wrong for "trailing" and "linspace".
+    """
+    schedule = scheduler.timesteps.to(timestep.device)
+    following = torch.cat([schedule[1:], schedule.new_tensor([-1])])
+    index = (schedule[None, :] == timestep.reshape(-1, 1)).int().argmax(dim=1)
+    if not bool((schedule[index] == timestep.reshape(-1)).all()):
+        raise ValueError(f"timestep {timestep.tolist()} is not in the scheduler's schedule")
+    return following[index].reshape(timestep.shape)
+
+
+def _alpha_cumprod(scheduler, timestep: torch.Tensor, device) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64, device=device)
+    safe = timestep.clamp(min=0).long()
+    return torch.where(timestep >= 0, alphas[safe], final)
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+):
+    """One DDIM step x_t -> x_{t-1} with noise scale ``eta`` (> 0).
+
+    Returns ``(prev_sample, log_prob)``. When ``prev_sample`` is given it is not drawn but scored:
+    that is how stored transitions are re-evaluated during training. ``log_prob`` is the mean over
+    all non-batch elements of the Gaussian log density (the reduction DDPO's clip range assumes).
+    ``timestep`` is a scalar or one timestep per batch element.
+    """
+    if eta <= 0:
+        raise ConfigError(
+            f"sample.eta must be > 0 (got {eta}): with eta = 0 DDIM is deterministic and a "
+            "transition has no log probability to optimise"
+        )
+    config = scheduler.config
+    timestep = torch.as_tensor(timestep, device=sample.device)
+    if timestep.ndim == 0:
+        timestep = timestep.expand(sample.shape[0])
+    prev_t = previous_timestep(scheduler, timestep)
+
+    alpha_t = _alpha_cumprod(scheduler, timestep, sample.device)
+    alpha_prev = _alpha_cumprod(scheduler, prev_t, sample.device)
+    beta_t = 1 - alpha_t
+
+    prediction_type = config.prediction_type
+    if prediction_type == "epsilon":
+        pred_x0 = (sample - _broadcast(beta_t.sqrt(), sample) * model_output) / _broadcast(alpha_t.sqrt(), sample)
+        pred_eps = model_output
+    elif prediction_type == "v_prediction":
+        pred_x0 = _broadcast(alpha_t.sqrt(), sample) * sample - _broadcast(beta_t.sqrt(), sample) * model_output
+        pred_eps = _broadcast(alpha_t.sqrt(), sample) * model_output + _broadcast(beta_t.sqrt(), sample) * sample
+    elif prediction_type == "sample":
+        pred_x0 = model_output
+        pred_eps = (sample - _broadcast(alpha_t.sqrt(), sample) * pred_x0) / _broadcast(beta_t.sqrt(), sample)
+    else:
+        raise ConfigError(f"unsupported scheduler prediction_type {prediction_type!r}")
+
+    if getattr(config, "thresholding", False):
+        raise ConfigError("DDIM thresholding is not supported by the log-prob step; set thresholding=False")
+    if config.clip_sample:
+        limit = config.clip_sample_range
+        pred_x0 = pred_x0.clamp(-limit, limit)
+
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    if bool((std <= 0).any()):
+        raise ConfigError(
+            "a DDIM step has zero variance (scheduler set_alpha_to_one=True makes the last step "
+            "deterministic); load the scheduler with set_alpha_to_one=False"
+        )
+
+    direction = _broadcast((1 - alpha_prev - std**2).clamp(min=0).sqrt(), sample) * pred_eps
+    mean = _broadcast(alpha_prev.sqrt(), sample) * pred_x0 + direction
+    std_b = _broadcast(std, sample)
+
+    if prev_sample is None:
+        noise = torch.randn(
+            sample.shape, generator=generator, device=generator.device if generator else sample.device,
+            dtype=sample.dtype,
+        ).to(sample.device)
+        prev_sample = mean + std_b * noise
+
+    # computed in float32 at least: bf16 log densities are too coarse for a 1e-4 clip range
+    diff = prev_sample.detach().float() - mean.float()
+    std_f = std_b.float()
+    log_density = -(diff**2) / (2 * std_f**2) - torch.log(std_f) - 0.5 * math.log(2 * math.pi)
+    log_prob = log_density.mean(dim=tuple(range(1, sample.ndim)))
+    return prev_sample.type(sample.dtype), log_prob

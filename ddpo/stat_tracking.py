@@ -1,0 +1,54 @@
+"""Per-prompt reward statistics for advantages (DDPO's per_prompt_stat_tracking)."""
+
+from collections import defaultdict, deque
+
+import numpy as np
+
+
+class PerPromptStatTracker:
+    """Normalises each reward by the mean and std of recent rewards for the same prompt.
+
+    A prompt with fewer than ``min_count`` rewards in its buffer falls back to the statistics of
+    the whole current batch. Buffers keep the newest ``buffer_size`` rewards per prompt.
+    """
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.buffers: dict[str, deque] = defaultdict(lambda: deque(maxlen=self.buffer_size))
+
+    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        rewards = np.asarray(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        batch_mean, batch_std = rewards.mean(), rewards.std() + 1e-6
+        prompts_arr = np.asarray(prompts, dtype=object)
+        for prompt in dict.fromkeys(prompts):
+            mask = prompts_arr == prompt
+            buffer = self.buffers[prompt]
+            buffer.extend(rewards[mask].tolist())
+            if len(buffer) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                mean, std = np.mean(buffer), np.std(buffer) + 1e-6
+            advantages[mask] = (rewards[mask] - mean) / std
+        return advantages
+
+    def stats(self) -> dict[str, float]:
+        return {"num_tracked_prompts": len(self.buffers)}
+
+    def state_dict(self) -> dict:
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "buffers": {prompt: list(values) for prompt, values in self.buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers.clear()
+        for prompt, values in state["buffers"].items():
+            self.buffers[prompt].extend(values)
+
+
+def global_advantages(rewards: np.ndarray) -> np.ndarray:
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return (rewards - rewards.mean()) / (rewards.std() + 1e-6)

@@ -1,0 +1,575 @@
+"""Rewards: every reward on tiny local models (CPU, offline), the aesthetic head's verification,
+PIL vs tensor preprocessing, the weighted mix, and the reward YAML group."""
+
+from __future__ import annotations
+
+import re
+import socket
+import string
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpo.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+REWARD_CONF = ROOT / "conf" / "reward"
+SHARED_HEAD_DIR = ROOT.parent / "shared" / "assets" / "laion-aesthetic"
+HEAD_NAME = "sac+logos+ava1-l14-linearMSE.pth"
+SHARED_HEAD = SHARED_HEAD_DIR / HEAD_NAME
+PROMPTS = ["a cat", "a dog riding a bike", "an apple"]
+METADATA = [{}, {}, {}]
+
+
+def _refuse_network(*args, **kwargs):
+    raise OSError("network access is disabled in the reward tests")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def reward_no_network():
+    """No test here may reach the network: sockets and urlopen fail, the Hub is offline."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(socket.socket, "connect", _refuse_network)
+        patch.setattr(socket.socket, "connect_ex", _refuse_network)
+        patch.setattr(urllib.request, "urlopen", _refuse_network)
+        yield
+
+
+def _require_shared_head():
+    if not SHARED_HEAD.is_file():
+        pytest.skip(f"../shared/assets/laion-aesthetic not present: no real {HEAD_NAME} to test against")
+
+
+def _smooth_images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Natural-ish images: low-resolution noise upsampled, values in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.rand(batch, 3, max(2, height // 16), max(2, width // 16), generator=generator)
+    return torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def _assert_reward_output(output, batch: int = 3):
+    rewards, info = output
+    assert isinstance(rewards, torch.Tensor)
+    assert rewards.shape == (batch,) and rewards.dtype == torch.float32 and rewards.device.type == "cpu"
+    assert torch.isfinite(rewards).all()
+    assert not rewards.requires_grad
+    assert isinstance(info, dict)
+    for key, value in info.items():
+        assert value.shape == (batch,) and value.device.type == "cpu", key
+        assert not value.requires_grad, key
+
+
+def _assert_frozen(*modules):
+    for module in modules:
+        assert not module.training
+        assert all(not parameter.requires_grad for parameter in module.parameters())
+
+
+# ---------------------------------------------------------------- fixtures: tiny local models
+
+
+@pytest.fixture(scope="module")
+def reward_random_head(tmp_path_factory) -> Path:
+    """A randomly initialised aesthetic head saved like the real one (a plain state dict)."""
+    from rewards.aesthetic_head import AestheticHead
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("head") / "random-head.pth"
+    torch.save(AestheticHead().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_head(reward_random_head):
+    """(path, sha256 or None): the real head when the shared asset is present, else a random head."""
+    if SHARED_HEAD.is_file():
+        from rewards.aesthetic import HEAD_SHA256
+
+        return SHARED_HEAD, HEAD_SHA256
+    return reward_random_head, None
+
+
+@pytest.fixture(scope="module")
+def reward_aesthetic(reward_head):
+    from rewards.aesthetic import AestheticReward
+
+    torch.manual_seed(0)
+    path, sha256 = reward_head
+    return AestheticReward(clip_model="tiny-test", clip_pretrained=None, head_path=str(path), head_sha256=sha256)
+
+
+@pytest.fixture(scope="module")
+def reward_hf_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random transformers CLIPModel + processor (hand-made character vocabulary), saved offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + ".,!?'-":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    special = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, **special,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-hf-clip")
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    CLIPModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_hps_checkpoint(tmp_path_factory) -> Path:
+    """A tiny-test open_clip model saved in the HPS checkpoint format ({"state_dict": ...})."""
+    from rewards.open_clip_models import create_open_clip
+
+    torch.manual_seed(0)
+    model = create_open_clip("tiny-test", None)
+    path = tmp_path_factory.mktemp("hps") / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+# ---------------------------------------------------------------- JPEG
+
+
+@pytest.mark.parametrize("class_name", ["JpegCompressibility", "JpegIncompressibility"])
+def test_jpeg_rewards_one_finite_value_per_image(class_name):
+    import rewards.jpeg
+
+    reward = getattr(rewards.jpeg, class_name)(quality=95)
+    assert reward.to("cpu", torch.float16) is reward
+    output = reward(_smooth_images(3, 64, 64), PROMPTS, METADATA)
+    _assert_reward_output(output)
+    rewards, info = output
+    assert (info["jpeg_kb"] > 0).all()
+    expected = -info["jpeg_kb"] if class_name == "JpegCompressibility" else info["jpeg_kb"]
+    assert torch.equal(rewards, expected)
+
+
+def test_jpeg_flat_image_is_more_compressible_than_noise():
+    from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
+
+    flat = torch.full((1, 3, 128, 128), 0.5)
+    noise = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    images = torch.cat([flat, noise])
+    sizes = jpeg_size_kb(images)
+    assert sizes[0] < sizes[1]
+    compressibility, _ = JpegCompressibility()(images, PROMPTS[:2], METADATA[:2])
+    incompressibility, _ = JpegIncompressibility()(images, PROMPTS[:2], METADATA[:2])
+    assert compressibility[0] > compressibility[1]
+    assert incompressibility[0] < incompressibility[1]
+
+
+def test_jpeg_size_is_bytes_over_1000_at_quality_95():
+    import io
+
+    from PIL import Image
+
+    from rewards.jpeg import jpeg_size_kb
+
+    image = _smooth_images(1, 48, 40, seed=3)
+    array = (image[0] * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    assert jpeg_size_kb(image).item() == pytest.approx(len(buffer.getvalue()) / 1000)
+
+
+def test_rewards_reject_malformed_images():
+    from rewards.jpeg import JpegCompressibility
+
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        JpegCompressibility()(torch.rand(3, 64, 64), PROMPTS, METADATA)
+
+
+# ---------------------------------------------------------------- aesthetic
+
+
+def test_aesthetic_tiny_model_one_finite_score_per_image(reward_aesthetic):
+    _assert_reward_output(reward_aesthetic(_smooth_images(3, 96, 128), PROMPTS, METADATA))
+    _assert_frozen(reward_aesthetic.clip, reward_aesthetic.head)
+
+
+def test_aesthetic_accepts_images_on_any_device_and_dtype(reward_aesthetic):
+    images = _smooth_images(3, 64, 64)
+    expected, _ = reward_aesthetic(images, PROMPTS, METADATA)
+    got, _ = reward_aesthetic(images.double(), PROMPTS, METADATA)
+    torch.testing.assert_close(got, expected)
+
+
+def test_real_head_passes_sha256_and_loads_with_strict_keys():
+    _require_shared_head()
+    from rewards.aesthetic import HEAD_SHA256, HEAD_SIZE, load_head, resolve_head_path
+    from rewards.download import sha256_file
+
+    assert SHARED_HEAD.stat().st_size == HEAD_SIZE
+    assert sha256_file(SHARED_HEAD) == HEAD_SHA256
+    path = resolve_head_path(SHARED_HEAD)  # default: checks the published sha256
+    head = load_head(path)
+    state_dict = torch.load(SHARED_HEAD, map_location="cpu", weights_only=True)
+    assert set(head.state_dict()) == set(state_dict) == {
+        f"layers.{i}.{kind}" for i in (0, 2, 4, 6, 7) for kind in ("weight", "bias")
+    }
+    _assert_frozen(head)
+    scores = head(torch.nn.functional.normalize(torch.randn(4, 768), dim=-1))
+    assert scores.shape == (4,) and torch.isfinite(scores).all()
+
+
+def test_corrupted_head_is_refused(tmp_path):
+    _require_shared_head()
+    from rewards.aesthetic import resolve_head_path
+
+    data = bytearray(SHARED_HEAD.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    corrupted = tmp_path / HEAD_NAME
+    corrupted.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="sha256") as error:
+        resolve_head_path(corrupted)
+    assert "\n" not in str(error.value) and "reward.head_path" in str(error.value)
+
+
+def test_truncated_head_is_refused(tmp_path):
+    _require_shared_head()
+    from rewards.aesthetic import AestheticReward
+
+    truncated = tmp_path / HEAD_NAME
+    truncated.write_bytes(SHARED_HEAD.read_bytes()[:100_000])
+    with pytest.raises(ConfigError, match="truncated") as error:
+        AestheticReward(clip_model="tiny-test", clip_pretrained=None, head_path=str(truncated))
+    assert "\n" not in str(error.value)
+
+
+def test_corrupted_cached_head_is_refused_not_used(tmp_path, monkeypatch):
+    _require_shared_head()
+    import rewards.download
+    from rewards.aesthetic import resolve_head_path
+
+    cached = tmp_path / HEAD_NAME
+    data = bytearray(SHARED_HEAD.read_bytes())
+    data[-1] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    monkeypatch.setattr(rewards.download, "fetch_url", _refuse_network)
+    with pytest.raises(ConfigError, match="cached LAION aesthetic head"):
+        resolve_head_path(None, cache_dir=tmp_path)
+
+
+def test_head_download_is_verified_before_it_enters_the_cache(tmp_path, monkeypatch):
+    _require_shared_head()
+    import rewards.download
+    from rewards.aesthetic import resolve_head_path
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls = []
+
+    def truncated_download(url, dest, timeout, max_bytes=None):
+        calls.append(url)
+        Path(dest).write_bytes(SHARED_HEAD.read_bytes()[:1000])
+
+    def hub_copy(repo_id, filename, revision=None, cache_dir=None):
+        calls.append(repo_id)
+        return str(SHARED_HEAD)
+
+    monkeypatch.setattr(rewards.download, "fetch_url", truncated_download)
+    monkeypatch.setattr(rewards.download, "hub_file", hub_copy)
+    path = resolve_head_path(None, cache_dir=tmp_path / "cache")
+    assert len(calls) == 2  # the truncated URL download was refused, the Hub copy accepted
+    assert path == tmp_path / "cache" / HEAD_NAME
+    assert path.read_bytes() == SHARED_HEAD.read_bytes()
+    assert sorted(p.name for p in path.parent.iterdir()) == [HEAD_NAME]  # no partial files left
+
+
+def test_aesthetic_offline_without_head_names_the_file_and_key(tmp_path, monkeypatch):
+    import rewards.download
+    from rewards.aesthetic import AestheticReward
+
+    attempts = []
+
+    def unreachable(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("simulated: no route to host")
+
+    monkeypatch.setattr(rewards.download, "fetch_url", unreachable)
+    monkeypatch.setattr(rewards.download, "hub_file", unreachable)
+    for offline in ("1", ""):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        with pytest.raises(ConfigError) as error:
+            AestheticReward(clip_model="tiny-test", clip_pretrained=None, cache_dir=str(tmp_path / "empty"))
+        message = str(error.value)
+        assert "\n" not in message
+        assert HEAD_NAME in message and "reward.head_path=" in message
+    assert len(attempts) == 3  # offline: the Hub cache only; online: URL then Hub
+    assert not any((tmp_path / "empty").iterdir())
+
+
+def test_missing_head_path_is_a_config_error(tmp_path):
+    from rewards.aesthetic import AestheticReward
+
+    with pytest.raises(ConfigError, match="reward.head_path"):
+        AestheticReward(clip_model="tiny-test", clip_pretrained=None, head_path=str(tmp_path / "nope.pth"))
+
+
+def test_missing_clip_checkpoint_is_a_config_error(reward_random_head, tmp_path):
+    from rewards.aesthetic import AestheticReward
+
+    with pytest.raises(ConfigError, match="reward.clip_pretrained"):
+        AestheticReward(
+            clip_model="tiny-test",
+            clip_pretrained=str(tmp_path / "clip.bin"),
+            head_path=str(reward_random_head),
+            head_sha256=None,
+        )
+
+
+def test_pil_and_tensor_preprocessing_agree(reward_aesthetic):
+    for height, width in [(256, 320), (512, 512), (200, 150)]:
+        images = _smooth_images(3, height, width, seed=height)
+        pil = reward_aesthetic.pixels(images, "pil")
+        tensor = reward_aesthetic.pixels(images, "tensor")
+        assert pil.shape == tensor.shape == (3, 3, 224, 224)
+        assert (pil - tensor).abs().max() < 0.05, (height, width)
+        with torch.no_grad():
+            scores_pil = reward_aesthetic._score_pixels(pil)
+            scores_tensor = reward_aesthetic._score_pixels(tensor)
+        assert (scores_pil - scores_tensor).abs().max() < 0.09, (height, width)
+
+
+def test_longest_side_preprocessing_pads_like_pil():
+    from rewards.clip_preprocess import preprocess_pil, preprocess_tensor
+
+    images = _smooth_images(2, 300, 200, seed=5)
+    pil = preprocess_pil(images, 224, "longest")
+    tensor = preprocess_tensor(images, 224, "longest")
+    assert pil.shape == tensor.shape == (2, 3, 224, 224)
+    assert (pil - tensor).abs().max() < 0.05
+
+
+def test_gradients_flow_through_the_tensor_path(reward_aesthetic):
+    images = _smooth_images(2, 128, 128).requires_grad_(True)
+    scores = reward_aesthetic.score_with_grad(images)
+    assert scores.shape == (2,) and scores.requires_grad
+    scores.sum().backward()
+    assert torch.isfinite(images.grad).all()
+    assert images.grad.abs().sum() > 0
+    assert all(parameter.grad is None for parameter in reward_aesthetic.clip.parameters())
+
+
+def test_aesthetic_to_moves_and_casts(reward_head):
+    from rewards.aesthetic import AestheticReward
+
+    path, sha256 = reward_head
+    reward = AestheticReward(clip_model="tiny-test", clip_pretrained=None, head_path=str(path), head_sha256=sha256)
+    images = _smooth_images(3, 64, 64)
+    expected, _ = reward(images, PROMPTS, METADATA)
+    assert reward.to("cpu", torch.bfloat16) is reward
+    assert next(reward.clip.parameters()).dtype == torch.bfloat16
+    got, _ = reward(images, PROMPTS, METADATA)
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() < 0.5
+
+
+# ---------------------------------------------------------------- PickScore, CLIP score, HPS v2
+
+
+def test_pickscore_tiny_model(reward_hf_clip_dir):
+    from rewards.pickscore import PickScore
+
+    reward = PickScore(model_path=str(reward_hf_clip_dir), processor_path=str(reward_hf_clip_dir))
+    output = reward(_smooth_images(3, 64, 48), PROMPTS, METADATA)
+    _assert_reward_output(output)
+    _assert_frozen(reward.model)
+    rewards, info = output
+    torch.testing.assert_close(rewards, reward.model.logit_scale.exp().item() * info["cosine"])
+
+
+def test_clip_score_tiny_model(reward_hf_clip_dir):
+    from rewards.clip_score import ClipScore
+
+    reward = ClipScore(model_path=str(reward_hf_clip_dir), scale=100.0)
+    output = reward(_smooth_images(3, 64, 48), PROMPTS, METADATA)
+    _assert_reward_output(output)
+    _assert_frozen(reward.model)
+    rewards, info = output
+    torch.testing.assert_close(rewards, 100.0 * info["cosine"])
+    assert (info["cosine"].abs() <= 1.0 + 1e-5).all()
+    different_prompts, _ = reward(_smooth_images(3, 64, 48), ["zzz", "0", "?"], METADATA)
+    assert not torch.equal(different_prompts, rewards)
+
+
+def test_hub_model_unavailable_offline_is_a_config_error():
+    from rewards.pickscore import PickScore
+
+    with pytest.raises(ConfigError, match="reward.processor_path") as error:
+        PickScore(processor_path="nobody/no-such-clip-processor", processor_revision="main")
+    assert "\n" not in str(error.value)
+
+
+def test_hpsv2_tiny_model(reward_hps_checkpoint):
+    from rewards.hpsv2 import HPSv2
+
+    reward = HPSv2(clip_model="tiny-test", checkpoint_path=str(reward_hps_checkpoint))
+    output = reward(_smooth_images(3, 96, 64), PROMPTS, METADATA)
+    _assert_reward_output(output)
+    _assert_frozen(reward.model)
+    assert (output[0].abs() <= 1.0 + 1e-5).all()  # a cosine similarity
+
+
+def test_hpsv2_checkpoint_problems_are_config_errors(tmp_path, monkeypatch):
+    import rewards.download
+    from rewards.hpsv2 import HPSv2
+
+    incomplete = tmp_path / "incomplete.pt"
+    torch.save({"state_dict": {"logit_scale": torch.tensor(1.0)}}, incomplete)
+    with pytest.raises(ConfigError, match="lacks"):
+        HPSv2(clip_model="tiny-test", checkpoint_path=str(incomplete))
+    with pytest.raises(ConfigError, match="reward.checkpoint_path"):
+        HPSv2(clip_model="tiny-test", checkpoint_path=str(tmp_path / "missing.pt"))
+    monkeypatch.setattr(rewards.download, "hub_file", _refuse_network)
+    with pytest.raises(ConfigError, match="HPS_v2.1_compressed.pt") as error:
+        HPSv2(clip_model="tiny-test")
+    assert "reward.checkpoint_path" in str(error.value) and "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- mix
+
+
+class _RecordingReward:
+    """A fake component: constant rewards, records to() calls."""
+
+    def __init__(self, value: float):
+        self.value = value
+        self.moved_to = []
+
+    def to(self, device, dtype=None):
+        self.moved_to.append((device, dtype))
+        return self
+
+    def __call__(self, images, prompts, metadata):
+        values = torch.full((images.shape[0],), self.value)
+        return values, {"twice": 2 * values}
+
+
+def test_mix_is_the_weighted_sum_and_logs_every_component():
+    from rewards.jpeg import JpegCompressibility, JpegIncompressibility
+    from rewards.mix import WeightedSum
+
+    fake = _RecordingReward(3.0)
+    mix = WeightedSum(
+        {
+            "small": {"weight": 1.0, "reward": JpegCompressibility()},
+            "big": {"weight": 0.5, "reward": JpegIncompressibility()},
+            "constant": {"weight": -2.0, "reward": fake},
+        }
+    )
+    assert mix.to("cpu", torch.bfloat16) is mix
+    assert fake.moved_to == [("cpu", torch.bfloat16)]
+    images = _smooth_images(3, 64, 64)
+    output = mix(images, PROMPTS, METADATA)
+    _assert_reward_output(output)
+    total, info = output
+    small, _ = JpegCompressibility()(images, PROMPTS, METADATA)
+    big, _ = JpegIncompressibility()(images, PROMPTS, METADATA)
+    torch.testing.assert_close(total, 1.0 * small + 0.5 * big - 2.0 * 3.0)
+    torch.testing.assert_close(info["small"], small)
+    torch.testing.assert_close(info["big"], big)
+    torch.testing.assert_close(info["constant"], torch.full((3,), 3.0))
+    assert set(info) == {"small", "big", "constant", "small.jpeg_kb", "big.jpeg_kb", "constant.twice"}
+
+
+def test_mix_rejects_malformed_components():
+    from rewards.mix import WeightedSum
+
+    with pytest.raises(ConfigError):
+        WeightedSum({})
+    with pytest.raises(ConfigError, match="weight"):
+        WeightedSum({"a": {"reward": _RecordingReward(1.0)}})
+    with pytest.raises(ConfigError, match="number"):
+        WeightedSum({"a": {"weight": "heavy", "reward": _RecordingReward(1.0)}})
+
+
+# ---------------------------------------------------------------- the reward config group
+
+
+def _compose_reward(name: str, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(overrides=[f"+reward={name}", *overrides]).reward
+
+
+def _instantiate(cfg):
+    from hydra.utils import instantiate
+
+    return instantiate(cfg)
+
+
+def test_every_reward_option_has_a_yaml():
+    names = {path.stem for path in REWARD_CONF.glob("*.yaml")}
+    assert {"jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "pickscore", "hpsv2", "clip_score", "mix"} <= names
+
+
+@pytest.mark.parametrize("path", sorted(REWARD_CONF.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_top_level_yaml_key_is_commented(path):
+    for line in path.read_text().splitlines():
+        match = re.match(r"^(\w+):", line)
+        if match and match.group(1) != "_target_":
+            assert "#" in line, f"{path.name}: key {match.group(1)!r} has no comment"
+
+
+@pytest.mark.parametrize("name", ["jpeg_compressibility", "jpeg_incompressibility", "mix"])
+def test_offline_reward_configs_instantiate(name):
+    reward = _instantiate(_compose_reward(name))
+    assert reward.to("cpu", None) is reward
+    _assert_reward_output(reward(_smooth_images(3, 64, 64), PROMPTS, METADATA))
+
+
+def test_mix_config_accepts_a_component_from_the_command_line():
+    cfg = _compose_reward(
+        "mix", "+reward.components.detail={weight: 0.5, reward: {_target_: rewards.jpeg.JpegIncompressibility}}"
+    )
+    reward = _instantiate(cfg)
+    total, info = reward(_smooth_images(3, 64, 64), PROMPTS, METADATA)
+    torch.testing.assert_close(total, info["compressibility"] + 0.5 * info["detail"])
+
+
+def test_model_reward_configs_instantiate_with_tiny_models(reward_random_head, reward_hf_clip_dir, reward_hps_checkpoint):
+    overrides = {
+        "aesthetic": [
+            "reward.clip_model=tiny-test", "reward.clip_pretrained=null",
+            f"reward.head_path='{reward_random_head}'", "reward.head_sha256=null",
+        ],
+        "pickscore": [f"reward.model_path='{reward_hf_clip_dir}'", f"reward.processor_path='{reward_hf_clip_dir}'"],
+        "clip_score": [f"reward.model_path='{reward_hf_clip_dir}'"],
+        "hpsv2": ["reward.clip_model=tiny-test", f"reward.checkpoint_path='{reward_hps_checkpoint}'"],
+    }
+    for name, extra in overrides.items():
+        reward = _instantiate(_compose_reward(name, *extra))
+        assert reward.name == name
+        _assert_reward_output(reward(_smooth_images(3, 64, 64), PROMPTS, METADATA))
+
+
+def test_importing_rewards_imports_no_model_library():
+    code = (
+        "import sys, rewards, rewards.jpeg, rewards.aesthetic, rewards.pickscore, rewards.hpsv2, "
+        "rewards.clip_score, rewards.mix\n"
+        "print(sorted(m for m in ('open_clip', 'transformers', 'torchvision') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
+

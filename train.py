@@ -1,0 +1,22 @@
+"""Fine-tune a text-to-image diffusion model with DDPO.
+
+    python train.py reward=jpeg_compressibility prompt=animals
+    python train.py experiment=tiny_compressibility          # CPU quick start
+    python train.py --help                                   # config groups and options
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from ddpo.config import main as run, register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Shared helpers: compose the real config with overrides and run it, in-process or as a user would."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+# A run small enough for a test: tiny model, 3 steps, 4 samples per epoch, no tracker.
+TINY = [
+    "model=tiny",
+    "logger=none",
+    "mixed_precision=no",
+    "sample.num_steps=3",
+    "sample.batch_size=2",
+    "sample.num_batches_per_epoch=2",
+    "train.batch_size=2",
+    "num_epochs=2",
+    "save_freq=1",
+]
+
+
+def compose(overrides=()):
+    """The composed config, exactly as train.py would see it (Hydra compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from ddpo.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def run_in_process(run_dir, overrides=()):
+    """Build and train in this process; returns (final reward, components)."""
+    from ddpo.config import build
+    from ddpo.trainer import train
+
+    cfg = compose(list(overrides))
+    run, components = build(cfg, str(run_dir))
+    return train(components, run), components
+
+
+def run_cli(run_dir, overrides=(), env=None, timeout=600):
+    """``python train.py ... hydra.run.dir=<run_dir>`` in a subprocess, as a user runs it."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_metrics(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")

@@ -56,11 +56,11 @@ def to_pil(image):
     return Image.fromarray(array)
 
 
-def image_grid(images: list, captions: list[str], tile: int = 256):
+def image_grid(images: list, captions: list[str], tile: int = 256, columns: int | None = None):
     """Tiles with their captions underneath, up to 8 per row."""
     from PIL import Image, ImageDraw
 
-    columns = min(8, len(images))
+    columns = min(columns or 8, len(images))
     rows = math.ceil(len(images) / columns)
     caption_height = 14
     grid = Image.new("RGB", (columns * tile, rows * (tile + caption_height)), "white")

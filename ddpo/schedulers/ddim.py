@@ -25,11 +25,36 @@ def previous_timestep(scheduler, timestep: torch.Tensor) -> torch.Tensor:
     return following[index].reshape(timestep.shape)
 
 
-def _alpha_cumprod(scheduler, timestep: torch.Tensor, device) -> torch.Tensor:
-    alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64, device=device)
-    safe = timestep.clamp(min=0).long()
-    return torch.where(timestep >= 0, alphas[safe], final)
+class _ScheduleTables:
+    """Per-device lookup tables for one schedule, so a step needs no host synchronisation."""
+
+    def __init__(self, scheduler, device):
+        schedule = scheduler.timesteps.detach().to("cpu", torch.long)
+        n = scheduler.config.num_train_timesteps
+        prev_of = torch.full((n,), -1, dtype=torch.long)
+        prev_of[schedule] = torch.cat([schedule[1:], schedule.new_tensor([-1])])
+        alphas = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+        final = torch.tensor([float(scheduler.final_alpha_cumprod)], dtype=torch.float64)
+        # index 0 holds the "after the last step" alpha; timestep t lives at t + 1
+        alpha_of = torch.cat([final, alphas])
+        alpha_t, alpha_prev = alpha_of[schedule + 1], alpha_of[prev_of[schedule] + 1]
+        variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+        if bool((variance <= 0).any()):
+            raise ConfigError(
+                "a DDIM step of this schedule has zero variance (scheduler set_alpha_to_one=True makes "
+                "the last step deterministic); load the scheduler with set_alpha_to_one=False"
+            )
+        self.prev_of = prev_of.to(device)
+        self.alpha_of = alpha_of.to(device)
+
+
+def _tables(scheduler, device) -> _ScheduleTables:
+    # the schedule is a function of the (frozen) config and the number of steps
+    cache = scheduler.__dict__.setdefault("_ddpo_tables", {})
+    key = (str(device), scheduler.num_inference_steps)
+    if key not in cache:
+        cache[key] = _ScheduleTables(scheduler, device)
+    return cache[key]
 
 
 def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -50,7 +75,8 @@ def ddim_step_with_logprob(
     Returns ``(prev_sample, log_prob)``. When ``prev_sample`` is given it is not drawn but scored:
     that is how stored transitions are re-evaluated during training. ``log_prob`` is the mean over
     all non-batch elements of the Gaussian log density (the reduction DDPO's clip range assumes).
-    ``timestep`` is a scalar or one timestep per batch element.
+    ``timestep`` is a scalar or one timestep per batch element, each a step of the scheduler's
+    current schedule (``set_timesteps``). Nothing here waits for the device.
     """
     if eta <= 0:
         raise ConfigError(
@@ -58,13 +84,12 @@ def ddim_step_with_logprob(
             "transition has no log probability to optimise"
         )
     config = scheduler.config
-    timestep = torch.as_tensor(timestep, device=sample.device)
+    timestep = torch.as_tensor(timestep, device=sample.device).long()
     if timestep.ndim == 0:
         timestep = timestep.expand(sample.shape[0])
-    prev_t = previous_timestep(scheduler, timestep)
-
-    alpha_t = _alpha_cumprod(scheduler, timestep, sample.device)
-    alpha_prev = _alpha_cumprod(scheduler, prev_t, sample.device)
+    tables = _tables(scheduler, sample.device)
+    alpha_t = tables.alpha_of[timestep + 1]
+    alpha_prev = tables.alpha_of[tables.prev_of[timestep] + 1]
     beta_t = 1 - alpha_t
 
     prediction_type = config.prediction_type
@@ -86,13 +111,8 @@ def ddim_step_with_logprob(
         limit = config.clip_sample_range
         pred_x0 = pred_x0.clamp(-limit, limit)
 
-    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)  # > 0: checked in _tables
     std = eta * variance.clamp(min=0).sqrt()
-    if bool((std <= 0).any()):
-        raise ConfigError(
-            "a DDIM step has zero variance (scheduler set_alpha_to_one=True makes the last step "
-            "deterministic); load the scheduler with set_alpha_to_one=False"
-        )
 
     direction = _broadcast((1 - alpha_prev - std**2).clamp(min=0).sqrt(), sample) * pred_eps
     mean = _broadcast(alpha_prev.sqrt(), sample) * pred_x0 + direction

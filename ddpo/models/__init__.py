@@ -1,3 +1,3 @@
-from ddpo.models.loading import load_stable_diffusion, tiny_model
+from ddpo.models.loading import load_stable_diffusion, sd15_architecture, tiny_model
 
-__all__ = ["load_stable_diffusion", "tiny_model"]
+__all__ = ["load_stable_diffusion", "sd15_architecture", "tiny_model"]

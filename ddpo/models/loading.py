@@ -5,8 +5,12 @@ import os
 from ddpo.errors import ConfigError
 
 
-def load_stable_diffusion(path: str, revision: str | None = None, variant: str | None = None):
+def load_stable_diffusion(path: str, revision: str | None = None, variant: str | None = None,
+                          resolution: int | None = None):
     """A diffusers ``StableDiffusionPipeline`` (float32, CPU) from a hub id or a local directory.
+
+    ``resolution`` (the model group's sampling size) is accepted so that the model YAML can be
+    instantiated as is; the pipeline, not the loader, uses it.
 
     Hub downloads are cached by huggingface_hub as usual. Failure to load (offline, wrong id,
     incomplete directory) stops the run with one line instead of a long traceback.
@@ -39,3 +43,10 @@ def tiny_model(path: str | None = None, seed: int = 0, resolution: int = 64):
     from ddpo.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=seed, resolution=resolution)
+
+
+def sd15_architecture(seed: int = 0, resolution: int = 512):
+    """Stable Diffusion 1.5's architecture with random weights: real sizes, no download."""
+    from ddpo.models.sd15_arch import build_sd15_architecture
+
+    return build_sd15_architecture(seed=seed, resolution=resolution)

@@ -15,7 +15,7 @@ import torch
 from ddpo.models.tokenizer import build_clip_tokenizer
 
 
-def _seeded(seed: int, build):
+def seeded_init(seed: int, build):
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -73,7 +73,7 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32)
         )
         return unet, vae, text_encoder
 
-    unet, vae, text_encoder = _seeded(seed, build)
+    unet, vae, text_encoder = seeded_init(seed, build)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -95,3 +95,4 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32)
         requires_safety_checker=False,
     )
     return pipe
+

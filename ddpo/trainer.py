@@ -104,14 +104,21 @@ def check_reward_output(name: str, output, batch_size: int) -> tuple[torch.Tenso
     return rewards, clean_info
 
 
-def collect_reward(name: str, future: Future, batch_size: int) -> tuple[torch.Tensor, dict]:
+def timed_call(fn: Callable, *args):
+    """``(fn(*args), seconds)``: how long the reward itself ran, in its own thread."""
+    started = time.perf_counter()
+    output = fn(*args)
+    return output, time.perf_counter() - started
+
+
+def collect_reward(name: str, future: Future, batch_size: int) -> tuple[torch.Tensor, dict, float]:
     try:
-        output = future.result()
+        output, seconds = future.result()
     except RewardError:
         raise
     except Exception as exc:
         raise RewardError(f"reward {name!r} failed: {type(exc).__name__}: {exc}") from exc
-    return check_reward_output(name, output, batch_size)
+    return (*check_reward_output(name, output, batch_size), seconds)
 
 
 # -- phases ---------------------------------------------------------------------------------------
@@ -125,7 +132,9 @@ class EpochSamples:
     rewards: torch.Tensor  # (N,)
     reward_info: dict[str, torch.Tensor]
     batch_images: list  # [[images, prompts, metadata, rewards], ...] for image hooks
-    reward_wait_s: float
+    sample_s: float  # sampling alone
+    reward_wait_s: float  # waiting for rewards after sampling ended
+    reward_s: float  # the rewards' own run time (overlapped with sampling, except the wait)
 
 
 def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecutor) -> EpochSamples:
@@ -136,6 +145,7 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
     prompt_rng = random.Random(derived_seed(run.seed, epoch, rank, 1))
     batches, prompts_all, meta_all, futures = [], [], [], []
     pipeline.trainable_module().eval()
+    started = time.perf_counter()
     bar = tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch}: sampling", leave=False,
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for i in bar:
@@ -148,22 +158,24 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
             eta=s.eta,
             generator=generator,
         )
-        futures.append(executor.submit(comps.reward_fn, batch.images, prompts, metadata))
+        futures.append(executor.submit(timed_call, comps.reward_fn, batch.images, prompts, metadata))
         batches.append(batch)
         prompts_all.extend(prompts)
         meta_all.extend(metadata)
     waited = time.perf_counter()
     results = [collect_reward(comps.reward_name, f, s.batch_size) for f in futures]
     reward_wait_s = time.perf_counter() - waited
-    rewards = torch.cat([r for r, _ in results])
-    info = {key: torch.cat([inf[key] for _, inf in results]) for key in results[0][1] if all(key in inf for _, inf in results)}
+    rewards = torch.cat([r for r, _, _ in results])
+    info = {key: torch.cat([inf[key] for _, inf, _ in results])
+            for key in results[0][1] if all(key in inf for _, inf, _ in results)}
     merged = SampleBatch(**{k: torch.cat([getattr(b, k) for b in batches]) for k in batches[0].tensors()})
     hook_data = [
         [b.images.float().cpu(), prompts_all[j * s.batch_size:(j + 1) * s.batch_size],
          meta_all[j * s.batch_size:(j + 1) * s.batch_size], r.cpu()]
-        for j, (b, (r, _)) in enumerate(zip(batches, results))
+        for j, (b, (r, _, _)) in enumerate(zip(batches, results))
     ]
-    return EpochSamples(merged, prompts_all, meta_all, rewards, info, hook_data, reward_wait_s)
+    return EpochSamples(merged, prompts_all, meta_all, rewards, info, hook_data, sample_s=waited - started,
+                        reward_wait_s=reward_wait_s, reward_s=sum(t for _, _, t in results))
 
 
 def compute_advantages(comps: Components, run, samples: EpochSamples, tracker: PerPromptStatTracker | None):
@@ -382,9 +394,10 @@ def train(comps: Components, run) -> float | None:
         for epoch in range(state.epochs_completed, run.num_epochs):
             started = time.perf_counter()
             samples = sample_epoch(comps, run, epoch, executor)
-            sampled = time.perf_counter()
             advantages, all_rewards, all_info = compute_advantages(comps, run, samples, tracker)
+            train_started = time.perf_counter()
             train_stats = train_epoch(comps, run, epoch, samples.batch, advantages, optimizer, model, state)
+            train_s = time.perf_counter() - train_started
             state.epochs_completed = epoch + 1
             elapsed = time.perf_counter() - started
             record = {
@@ -395,8 +408,10 @@ def train(comps: Components, run) -> float | None:
                 "num_samples": int(all_rewards.size),
                 **{f"reward_{k}_mean": float(v.mean()) for k, v in all_info.items()},
                 **train_stats,
-                "sample_time_s": sampled - started,
+                "sample_time_s": samples.sample_s,
+                "reward_time_s": samples.reward_s,
                 "reward_wait_s": samples.reward_wait_s,
+                "train_time_s": train_s,
                 "epoch_time_s": elapsed,
                 "samples_per_s": all_rewards.size / elapsed,
             }

@@ -183,11 +183,15 @@ def _instantiate(node, what: str, **kwargs):
     """hydra.utils.instantiate with the error reduced to one line that names the config group."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
+    from omegaconf.errors import MissingMandatoryValue
 
     from ddpo.errors import DDPOError
 
     try:
         return instantiate(node, **kwargs)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key or "a value"
+        raise ConfigError(f"cannot build {what}: {key} is mandatory (set {key}=...)") from None
     except InstantiationException as exc:
         cause = exc.__cause__
         if isinstance(cause, DDPOError):
@@ -214,17 +218,18 @@ def _make_accelerator(run: RunConfig, run_dir: str, backend: str):
 
 def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward"):
     """Validate ``cfg`` and build every component of a run (the trainer's ``Components``)."""
+    run = run_config(cfg)
+    plan_batches(run)  # fail on bad numbers before anything heavy (torch, diffusers) is imported
+    logger_cfg = cfg.logger
+    backend = logger_cfg.backend
+    if backend not in ("tensorboard", "wandb", "none"):
+        raise ConfigError(f"logger.backend must be tensorboard, wandb or none (got {backend!r})")
+
     import torch
 
     from ddpo.logging import RunTracker
     from ddpo.trainer import Components
 
-    run = run_config(cfg)
-    plan_batches(run)  # fail on bad numbers before anything heavy is loaded
-    logger_cfg = cfg.logger
-    backend = logger_cfg.backend
-    if backend not in ("tensorboard", "wandb", "none"):
-        raise ConfigError(f"logger.backend must be tensorboard, wandb or none (got {backend!r})")
     accelerator, run_dir = _make_accelerator(run, run_dir, backend)
     plan = plan_batches(run, accelerator.num_processes)
     torch.backends.cuda.matmul.allow_tf32 = run.allow_tf32
@@ -236,6 +241,9 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward"):
     if hasattr(reward_fn, "to"):
         reward_fn.to(accelerator.device, dtype=None if run.mixed_precision.value == "no" else
                      {"fp16": torch.float16, "bf16": torch.bfloat16}[run.mixed_precision.value])
+    from accelerate.utils import set_seed
+
+    set_seed(run.seed)  # LoRA's random init, and anything else drawn from the global generators
     components = _instantiate(cfg.model, "the model (model=...)")
     pipeline = _instantiate(
         cfg.pipeline,
@@ -309,13 +317,14 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from ddpo.errors import DDPOError
-    from ddpo.trainer import train
 
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     reward_name = hydra_cfg.runtime.choices.get("reward", "reward")
     try:
         run, components = build(cfg, run_dir, reward_name=reward_name)
+        from ddpo.trainer import train  # imports torch: after the config checks, which fail fast
+
         return train(components, run)
     except DDPOError as exc:
         logging.getLogger("ddpo").error("%s", exc)

@@ -1,0 +1,218 @@
+"""Benchmark the real training loop and compare it with its compute floor.
+
+    python scripts/bench.py experiment=tiny_bench
+    python scripts/bench.py model=sd15_arch model.resolution=256 sample.num_steps=2 sample.batch_size=1 \
+        train.batch_size=1 sample.num_batches_per_epoch=1 --epochs 1
+    python scripts/bench.py model=sd15_arch mixed_precision=fp16 sample.batch_size=8 train.batch_size=4 \
+        sample.num_batches_per_epoch=1 --epochs 2 --json bench_sd15_512.json       # on a GPU
+
+Arguments other than the options below are Hydra overrides of conf/config.yaml (logger=none is
+forced). The loop runs ``--warmup`` epochs, then ``--epochs`` timed epochs of ``ddpo.trainer.train``
+itself. Then, in the same process, the floor: the time of one UNet forward at the sampling batch
+(with CFG: twice the batch), one UNet forward+backward at the training batch, and one VAE decode,
+each timed alone after warm-up with the loop's shapes, dtype and settings, multiplied by the number
+of such calls an epoch made. The ratio epoch time / floor says how much the loop adds.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def peak_host_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, repeats: int, sync) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_floor(components, run, repeats: int) -> dict:
+    """Per-call times of the UNet and VAE at the loop's batch shapes (same module, dtype, autocast)."""
+    import torch
+
+    pipeline, device = components.pipeline, components.accelerator.device
+    s, t = run.sample, run.train
+    unet = pipeline.trainable_module()
+    denoiser = pipeline._denoiser
+    size = pipeline.resolution // pipeline.vae_scale_factor
+    channels = unet.config.in_channels
+    embeds = pipeline.encode_prompts(["a photo of a cat"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    sample_rows = s.batch_size * (2 if s.guidance_scale != 1.0 else 1)
+    latents = torch.randn(sample_rows, channels, size, size, device=device)
+    cond = embeds.expand(sample_rows, -1, -1)
+    timestep = torch.full((sample_rows,), 500, device=device, dtype=torch.long)
+
+    def forward():
+        with torch.no_grad(), pipeline._autocast():
+            denoiser(latents, timestep, cond)
+
+    k = min(t.timesteps_per_call, components.plan.trained_timesteps)
+    train_rows = t.batch_size * k * (2 if t.cfg else 1)
+    train_latents = torch.randn(train_rows, channels, size, size, device=device)
+    train_cond = embeds.expand(train_rows, -1, -1)
+    train_t = torch.full((train_rows,), 500, device=device, dtype=torch.long)
+
+    def forward_backward():
+        with pipeline._autocast():
+            out = denoiser(train_latents, train_t, train_cond).sample
+        out.float().square().mean().backward()
+        unet.zero_grad(set_to_none=True)
+
+    decode_latents = torch.randn(s.batch_size, channels, size, size, device=device)
+
+    def decode():
+        pipeline.decode(decode_latents)
+
+    unet.eval()
+    per_call = {
+        "unet_forward_s": timed(forward, repeats, sync),
+        "unet_forward_backward_s": timed(forward_backward, repeats, sync),
+        "vae_decode_s": timed(decode, repeats, sync),
+    }
+    plan = components.plan
+    calls = {
+        "unet_forward": s.num_batches_per_epoch * s.num_steps,
+        "unet_forward_backward": t.num_inner_epochs * plan.train_batches_per_epoch * math.ceil(
+            plan.trained_timesteps / t.timesteps_per_call),
+        "vae_decode": s.num_batches_per_epoch,
+    }
+    floor = {
+        "sampling_s": calls["unet_forward"] * per_call["unet_forward_s"],
+        "training_s": calls["unet_forward_backward"] * per_call["unet_forward_backward_s"],
+        "decode_s": calls["vae_decode"] * per_call["vae_decode_s"],
+    }
+    floor["total_s"] = sum(floor.values())
+    return {"per_call": per_call, "calls_per_epoch": calls, "floor_per_epoch": floor,
+            "shapes": {"sample_rows": sample_rows, "train_rows": train_rows, "latent": [channels, size, size]}}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each floor call")
+    parser.add_argument("--json", help="write the results here as JSON")
+    args, overrides = parser.parse_known_args(argv)
+
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from ddpo.config import build, register_configs
+    from ddpo.logging import MetricsFile
+    from ddpo.trainer import train
+
+    register_configs()
+    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    total_epochs = args.warmup + args.epochs
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "logger=none", f"num_epochs={total_epochs}",
+                                           f"save_freq={total_epochs}"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        build_started = time.perf_counter()
+        run, components = build(cfg, run_dir)
+        build_s = time.perf_counter() - build_started
+        device = components.accelerator.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        loop_started = time.perf_counter()
+        train(components, run)
+        loop_s = time.perf_counter() - loop_started
+        records = MetricsFile(run_dir).read()[args.warmup:]
+        floor = measure_floor(components, run, args.repeats)
+
+    def mean(key):
+        return sum(r[key] for r in records) / len(records)
+
+    epoch_s = mean("epoch_time_s")
+    sample_s, train_s = mean("sample_time_s"), mean("train_time_s")
+    reward_s, wait_s = mean("reward_time_s"), mean("reward_wait_s")
+    plan = components.plan
+    result = {
+        "overrides": overrides,
+        "machine": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "torch": torch.__version__,
+        },
+        "settings": {
+            "model": cfg.model._target_, "resolution": components.pipeline.resolution,
+            "mixed_precision": run.mixed_precision.value, "use_lora": run.use_lora,
+            "samples_per_epoch": plan.samples_per_epoch, "num_steps": run.sample.num_steps,
+            "trained_timesteps": plan.trained_timesteps, "timesteps_per_call": run.train.timesteps_per_call,
+            "train_batch_size": run.train.batch_size, "cfg": run.train.cfg,
+            "guidance_scale": run.sample.guidance_scale,
+        },
+        "epochs_timed": len(records),
+        "build_s": build_s,
+        "phases_per_epoch": {
+            "sampling_s": sample_s,
+            "reward_s": reward_s,
+            "reward_overlapped_s": max(0.0, reward_s - wait_s),
+            "reward_wait_s": wait_s,
+            "training_s": train_s,
+            "other_s": epoch_s - sample_s - wait_s - train_s,
+            "epoch_s": epoch_s,
+        },
+        "throughput": {
+            "images_per_s_sampled": plan.samples_per_epoch / sample_s,
+            "timesteps_per_s_trained": plan.samples_per_epoch * plan.trained_timesteps * run.train.num_inner_epochs / train_s,
+        },
+        "loop_wall_s_including_warmup_and_checkpoint": loop_s,
+        "peak_host_memory_mb": peak_host_mb(),
+        **floor,
+        "epoch_over_floor": epoch_s / floor["floor_per_epoch"]["total_s"],
+    }
+    if device.type == "cuda":
+        result["peak_device_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    report(result)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+def report(r: dict) -> None:
+    p, f, c, n = r["phases_per_epoch"], r["floor_per_epoch"], r["per_call"], r["calls_per_epoch"]
+    s = r["settings"]
+    print(f"\n{r['machine']['device']}, torch {r['machine']['torch']}")
+    print(f"{s['model']} {s['resolution']}px {s['mixed_precision']} lora={s['use_lora']}: {s['samples_per_epoch']} samples x "
+          f"{s['num_steps']} steps, {s['trained_timesteps']} trained (x{s['timesteps_per_call']} per call), "
+          f"train batch {s['train_batch_size']}, cfg={s['cfg']}; {r['epochs_timed']} timed epoch(s)")
+    print(f"per epoch: sampling {p['sampling_s']:.3f}s | reward {p['reward_s']:.3f}s "
+          f"({p['reward_overlapped_s']:.3f}s overlapped, {p['reward_wait_s']:.3f}s waited) | "
+          f"training {p['training_s']:.3f}s | other {p['other_s']:.3f}s | epoch {p['epoch_s']:.3f}s")
+    print(f"throughput: {r['throughput']['images_per_s_sampled']:.2f} images/s sampled, "
+          f"{r['throughput']['timesteps_per_s_trained']:.2f} timesteps/s trained")
+    print(f"floor: {n['unet_forward']} UNet fwd x {c['unet_forward_s'] * 1e3:.2f} ms = {f['sampling_s']:.3f}s, "
+          f"{n['unet_forward_backward']} fwd+bwd x {c['unet_forward_backward_s'] * 1e3:.2f} ms = {f['training_s']:.3f}s, "
+          f"{n['vae_decode']} VAE decode x {c['vae_decode_s'] * 1e3:.2f} ms = {f['decode_s']:.3f}s; total {f['total_s']:.3f}s")
+    print(f"epoch / floor = {r['epoch_over_floor']:.3f}")
+    mem = f"peak host memory {r['peak_host_memory_mb']:.0f} MB"
+    if "peak_device_memory_mb" in r:
+        mem += f", peak device memory {r['peak_device_memory_mb']:.0f} MB"
+    print(mem)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ddpo.errors import DDPOError
 from ddpo.logging import MetricsFile, RunTracker, plot_reward_curve
 from ddpo.pipelines.base import DDPOPipeline, SampleBatch
+from ddpo.preemption import PreemptionGuard
 from ddpo.stat_tracking import PerPromptStatTracker, global_advantages
 
 log = logging.getLogger(__name__)
@@ -141,16 +142,18 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
     """Sample ``num_batches_per_epoch`` batches; each batch's reward runs while the next samples."""
     s = run.sample
     accelerator, pipeline = comps.accelerator, comps.pipeline
-    rank = accelerator.process_index
-    prompt_rng = random.Random(derived_seed(run.seed, epoch, rank, 1))
+    # sample k of process p is sample p * n + k of the epoch (the order gather() returns), and its
+    # prompt and noise come from its own seed: an epoch holds the same samples for any process count
+    first = accelerator.process_index * s.batch_size * s.num_batches_per_epoch
     batches, prompts_all, meta_all, futures = [], [], [], []
     pipeline.trainable_module().eval()
     started = time.perf_counter()
     bar = tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch}: sampling", leave=False,
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for i in bar:
-        prompts, metadata = map(list, zip(*(comps.prompt_fn(prompt_rng) for _ in range(s.batch_size))))
-        generator = torch.Generator(device=accelerator.device).manual_seed(derived_seed(run.seed, epoch, rank, 2, i))
+        seeds = [derived_seed(run.seed, epoch, first + i * s.batch_size + j) for j in range(s.batch_size)]
+        prompts, metadata = map(list, zip(*(comps.prompt_fn(random.Random(derived_seed(seed, 1))) for seed in seeds)))
+        generator = [torch.Generator(device=accelerator.device).manual_seed(derived_seed(seed, 2)) for seed in seeds]
         batch = pipeline.sample(
             pipeline.encode_prompts(prompts),
             num_steps=s.num_steps,
@@ -204,7 +207,7 @@ def ppo_loss(pipeline: DDPOPipeline, run, batch: dict[str, torch.Tensor], advant
     t = run.train
     log_prob = pipeline.log_prob(
         batch["latents"], batch["next_latents"], batch["timesteps"], batch["prompt_embeds"],
-        guidance_scale=run.sample.guidance_scale, eta=run.sample.eta, cfg=t.cfg,
+        num_steps=run.sample.num_steps, guidance_scale=run.sample.guidance_scale, eta=run.sample.eta, cfg=t.cfg,
     )
     ratio = torch.exp(log_prob - batch["log_probs"])
     unclipped = -advantages * ratio
@@ -390,6 +393,7 @@ def train(comps: Components, run) -> float | None:
 
     last_reward = None
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+    preemption = PreemptionGuard(run.preemption_grace_s).install()
     try:
         for epoch in range(state.epochs_completed, run.num_epochs):
             started = time.perf_counter()
@@ -427,16 +431,21 @@ def train(comps: Components, run) -> float | None:
             log.info("epoch %d/%d  reward %.4f ± %.4f  loss %.3g  kl %.2g  clipfrac %.3f  %.1fs",
                      epoch + 1, run.num_epochs, record["reward_mean"], record["reward_std"], record["loss"],
                      record["approx_kl"], record["clipfrac"], elapsed)
-            if state.epochs_completed % run.save_freq == 0 or state.epochs_completed == run.num_epochs:
+            # a preemption/time-limit signal (any rank) is answered here: checkpoint, then requeue
+            preempted = preemption.requested(accelerator) and state.epochs_completed < run.num_epochs
+            if preempted or state.epochs_completed % run.save_freq == 0 or state.epochs_completed == run.num_epochs:
                 save_checkpoint(comps, run, state)
                 if accelerator.is_main_process:
                     plot_reward_curve(metrics.read(), os.path.join(comps.run_dir, "reward_curve.png"),
                                       title=comps.reward_name)
+            if preempted:
+                preemption.hand_over()
         if accelerator.is_main_process:
             files = pipeline.save_final(os.path.join(comps.run_dir, "final"))
             log.info("trained weights: %s", ", ".join(files))
         accelerator.wait_for_everyone()
     finally:
+        preemption.uninstall()
         executor.shutdown(wait=False, cancel_futures=True)
         comps.tracker.finish()
     return last_reward

@@ -124,11 +124,15 @@ def test_previous_timestep_follows_the_actual_schedule(spacing):
         previous_timestep(scheduler, torch.tensor([int(schedule[0]) - 1]))
 
 
-def test_trailing_step_uses_alpha_of_the_scheduled_previous_timestep():
-    """With trailing spacing the step's mean uses the schedule's next timestep, not t - 1000 // N."""
+def test_step_uses_alpha_of_the_scheduled_previous_timestep():
+    """The step's mean and std use the schedule's next timestep, not t - 1000 // N.
+
+    Trailing spacing (999, 666, 332) differs from the naive rule by one timestep, which moves the
+    log probability by ~1e-4..1e-3 here: far above the tolerance.
+    """
     scheduler = make_scheduler(timestep_spacing="trailing", num_steps=3)
-    t, prev_t = (int(x) for x in scheduler.timesteps[1:3])
-    assert prev_t != t - 1000 // 3
+    pairs = [(int(a), int(b)) for a, b in zip(scheduler.timesteps[:-1], scheduler.timesteps[1:])]
+    t, prev_t = next((a, b) for a, b in pairs if b != a - 1000 // 3)
     gen = torch.Generator().manual_seed(4)
     shape = (2, 4, 4, 4)
     sample = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -178,3 +182,13 @@ def test_per_element_timesteps_match_separate_calls(prediction_type):
         scheduler, model_output, timesteps[0], sample, eta=1.0, prev_sample=prev_sample
     )
     assert not torch.allclose(batched[1:], shared[1:], atol=1e-3)
+
+
+def test_deterministic_last_step_is_rejected():
+    """set_alpha_to_one=True gives the last step zero variance: no log probability exists there."""
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              set_alpha_to_one=True, steps_offset=1, clip_sample=False)
+    scheduler.set_timesteps(NUM_STEPS)
+    x = torch.zeros(1, 4, 4, 4)
+    with pytest.raises(ConfigError, match="set_alpha_to_one"):
+        ddim_step_with_logprob(scheduler, x, scheduler.timesteps[-1], x, eta=1.0)

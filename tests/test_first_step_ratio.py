@@ -39,7 +39,7 @@ def first_step_losses(tmp_path, overrides):
         loss, stats = ppo_loss(pipeline, run, rows_batch, adv)
         log_prob = pipeline.log_prob(
             rows_batch["latents"], rows_batch["next_latents"], rows_batch["timesteps"], rows_batch["prompt_embeds"],
-            guidance_scale=run.sample.guidance_scale, eta=run.sample.eta, cfg=t.cfg,
+            num_steps=run.sample.num_steps, guidance_scale=run.sample.guidance_scale, eta=run.sample.eta, cfg=t.cfg,
         )
         results.append((loss, stats, log_prob, rows_batch["log_probs"], adv))
     return results

@@ -45,9 +45,13 @@ class DDPOPipeline(ABC):
         num_steps: int,
         guidance_scale: float,
         eta: float,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> SampleBatch:
-        """Sample images and record every transition with its log probability (no gradients)."""
+        """Sample images and record every transition with its log probability (no gradients).
+
+        ``generator`` may be a list with one generator per sample: each sample's initial latent and
+        step noise then come from its own generator, whatever batch it is drawn in.
+        """
 
     @abstractmethod
     def log_prob(
@@ -57,6 +61,7 @@ class DDPOPipeline(ABC):
         timesteps: torch.Tensor,
         prompt_embeds: torch.Tensor,
         *,
+        num_steps: int,
         guidance_scale: float,
         eta: float,
         cfg: bool = True,
@@ -64,7 +69,9 @@ class DDPOPipeline(ABC):
         """Log probability (B,) of stored transitions x_t -> x_{t-1}, with gradients.
 
         ``timesteps`` holds one timestep per element, so one call may score transitions from
-        different steps of the chain. With ``cfg`` the guidance is applied exactly as in sampling.
+        different steps of the chain; ``num_steps`` is the length of the chain they were sampled
+        with (it fixes the schedule, hence each step's predecessor). With ``cfg`` the guidance is
+        applied exactly as in sampling.
         """
 
     @abstractmethod

@@ -6,7 +6,7 @@ import os
 import torch
 
 from ddpo.pipelines.base import DDPOPipeline, SampleBatch
-from ddpo.schedulers.ddim import ddim_step_with_logprob
+from ddpo.schedulers.ddim import ddim_step_with_logprob, draw_noise
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -133,7 +133,7 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         timesteps = self.scheduler.timesteps
         size = self.resolution // self.vae_scale_factor
         shape = (batch, self.unet.config.in_channels, size, size)
-        latents = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+        latents = draw_noise(shape, generator, self.device, torch.float32)
         latents = latents * self.scheduler.init_noise_sigma
         trajectory, log_probs = [latents], []
         steps = self._progress(timesteps) if self._progress else timesteps
@@ -161,7 +161,9 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
             images = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    def log_prob(self, latents, next_latents, timesteps, prompt_embeds, *, guidance_scale, eta, cfg=True):
+    def log_prob(self, latents, next_latents, timesteps, prompt_embeds, *, num_steps, guidance_scale, eta, cfg=True):
+        if self.scheduler.num_inference_steps != num_steps:
+            self.scheduler.set_timesteps(num_steps, device=self.device)
         output = self._guided_output(latents, timesteps, prompt_embeds, guidance_scale, cfg=cfg)
         _, log_prob = ddim_step_with_logprob(
             self.scheduler, output, timesteps, latents, eta=eta, prev_sample=next_latents

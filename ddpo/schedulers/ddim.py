@@ -41,8 +41,9 @@ class _ScheduleTables:
         variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
         if bool((variance <= 0).any()):
             raise ConfigError(
-                "a DDIM step of this schedule has zero variance (scheduler set_alpha_to_one=True makes "
-                "the last step deterministic); load the scheduler with set_alpha_to_one=False"
+                "the last DDIM step of this schedule has zero variance (it ends at t=0 with "
+                "set_alpha_to_one=True, or with linspace spacing or steps_offset=0), so it has no log "
+                "probability; use set_alpha_to_one=False with steps_offset >= 1, or trailing spacing"
             )
         self.prev_of = prev_of.to(device)
         self.alpha_of = alpha_of.to(device)
@@ -61,6 +62,16 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
+def draw_noise(shape, generator, device, dtype) -> torch.Tensor:
+    """Standard normal noise of ``shape`` from one generator, or from one generator per row."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([draw_noise(shape[1:], g, device, dtype) for g in generator])
+    noise_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=noise_device, dtype=dtype).to(device)
+
+
 def ddim_step_with_logprob(
     scheduler,
     model_output: torch.Tensor,
@@ -68,9 +79,12 @@ def ddim_step_with_logprob(
     sample: torch.Tensor,
     eta: float,
     prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ):
     """One DDIM step x_t -> x_{t-1} with noise scale ``eta`` (> 0).
+
+    ``generator`` may be a list, one generator per batch element: each element's noise then does
+    not depend on the batch it is drawn in (``draw_noise``).
 
     Returns ``(prev_sample, log_prob)``. When ``prev_sample`` is given it is not drawn but scored:
     that is how stored transitions are re-evaluated during training. ``log_prob`` is the mean over
@@ -119,11 +133,7 @@ def ddim_step_with_logprob(
     std_b = _broadcast(std, sample)
 
     if prev_sample is None:
-        noise = torch.randn(
-            sample.shape, generator=generator, device=generator.device if generator else sample.device,
-            dtype=sample.dtype,
-        ).to(sample.device)
-        prev_sample = mean + std_b * noise
+        prev_sample = mean + std_b * draw_noise(sample.shape, generator, sample.device, sample.dtype)
 
     # computed in float32 at least: bf16 log densities are too coarse for a 1e-4 clip range
     diff = prev_sample.detach().float() - mean.float()

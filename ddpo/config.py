@@ -64,6 +64,7 @@ class RunConfig:
     save_freq: int = MISSING
     checkpoints_total_limit: Optional[int] = MISSING
     resume_from: Optional[str] = MISSING
+    preemption_grace_s: float = MISSING
     mixed_precision: MixedPrecision = MISSING
     allow_tf32: bool = MISSING
     use_lora: bool = MISSING
@@ -202,12 +203,22 @@ def _instantiate(node, what: str, **kwargs):
 
 def _make_accelerator(run: RunConfig, run_dir: str, backend: str):
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env
 
-    state = PartialState()
+    from ddpo.distributed import share_main_output
+
+    # PartialState ignores ACCELERATE_USE_CPU (only Accelerator reads it): without it a CPU-only
+    # multi-process launch would start N 1-process runs
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     # every rank writes into rank 0's run directory (Hydra's ${now:} can differ between ranks)
     if state.num_processes > 1:
-        run_dir = broadcast_object_list([run_dir])[0]
+        own_dir, run_dir = run_dir, broadcast_object_list([run_dir])[0]
+        share_main_output(own_dir, run_dir, state.process_index)
+    # a local Hydra multirun runs its jobs in one process: forget the previous job's mixed
+    # precision (AcceleratorState refuses a change); the process group (PartialState) is kept
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=run.mixed_precision.value,
         log_with=None if backend == "none" else backend,
@@ -261,7 +272,6 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward"):
     if backend != "none":
         init_kwargs = {}
         if backend == "wandb":
-            os.environ.setdefault("WANDB_DIR", run_dir)
             init_kwargs["wandb"] = {
                 "dir": run_dir,
                 "name": logger_cfg.get("name") or os.path.basename(run_dir),
@@ -278,7 +288,7 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward"):
         accelerator=accelerator,
         pipeline=pipeline,
         reward_fn=reward_fn,
-        reward_name=reward_name,
+        reward_name=f"{reward_name} ({type(reward_fn).__name__})",
         prompt_fn=prompt_fn,
         tracker=tracker,
         image_hook=image_hook,
@@ -311,13 +321,14 @@ def main(cfg: DictConfig) -> float | None:
     A ``DDPOError`` (bad value, missing file, failing reward, unloadable model) ends the process
     with its one-line message and exit status 1, without a traceback.
     """
-    import logging
     import sys
 
     from hydra.core.hydra_config import HydraConfig
 
+    from ddpo.distributed import init_from_submitit
     from ddpo.errors import DDPOError
 
+    init_from_submitit()  # a multi-task submitit/SLURM job: torch.distributed before accelerate starts
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     reward_name = hydra_cfg.runtime.choices.get("reward", "reward")
@@ -327,5 +338,4 @@ def main(cfg: DictConfig) -> float | None:
 
         return train(components, run)
     except DDPOError as exc:
-        logging.getLogger("ddpo").error("%s", exc)
         sys.exit(f"error: {exc}")

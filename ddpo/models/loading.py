@@ -15,9 +15,13 @@ def load_stable_diffusion(path: str, revision: str | None = None, variant: str |
     Hub downloads are cached by huggingface_hub as usual. Failure to load (offline, wrong id,
     incomplete directory) stops the run with one line instead of a long traceback.
     """
+    local = os.path.isdir(os.path.expanduser(path))
+    if not local and (os.path.isabs(os.path.expanduser(path)) or path.startswith((".", "~"))):
+        # a filesystem path, not a hub id: say so instead of the hub's "not a valid repo id"
+        raise ConfigError(f"model.path={path}: no such directory (give a hub id or a directory "
+                          "saved with save_pretrained; without network access, model=tiny)")
     from diffusers import StableDiffusionPipeline
 
-    local = os.path.isdir(os.path.expanduser(path))
     source = os.path.abspath(os.path.expanduser(path)) if local else path
     try:
         return StableDiffusionPipeline.from_pretrained(
@@ -29,9 +33,12 @@ def load_stable_diffusion(path: str, revision: str | None = None, variant: str |
         )
     except Exception as exc:  # diffusers/hub raise many types; all mean "cannot load this model"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = reason.replace(f"Cannot load model {source}: ", "")
+        if len(reason) > 120:
+            reason = reason[:117] + "..."
         where = f"local directory {source}" if local else f"hub model {path!r}"
         raise ConfigError(
-            f"cannot load {where} ({reason[:200]}); without network access use model=tiny, "
+            f"cannot load {where} ({reason}); without network access use model=tiny, "
             "or model.path=<directory saved with save_pretrained>"
         ) from None
 

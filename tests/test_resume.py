@@ -1,0 +1,170 @@
+"""Resuming: a run continues where its last checkpoint left it, exactly as if never stopped.
+
+The loop derives all its noise from (seed, epoch, rank), and checkpoints hold the trained weights,
+the optimizer, the epoch, the global step and the per-prompt reward buffers. So a stopped and
+resumed run must reproduce an uninterrupted run's numbers. Two prompts and min_count=2 make the
+advantages depend on the restored reward buffers from the second epoch on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpo.trainer import TrainingState
+from tests.conftest import TINY, read_metrics, run_in_process
+from tests.fixtures.bad_rewards import SimulatedKill
+
+TWO_PROMPTS = os.path.join(os.path.dirname(__file__), "fixtures", "two_prompts.txt")
+RUN = [
+    *TINY,
+    "prompt=from_file",
+    f"prompt.path={TWO_PROMPTS}",
+    "per_prompt_stat_tracking.min_count=2",
+    "per_prompt_stat_tracking.buffer_size=3",
+]
+N = 4  # epochs of the reference run
+
+
+@pytest.fixture(scope="module")
+def offline_env():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, offline_env):
+    """An uninterrupted N-epoch run that keeps its 2 newest checkpoints."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_in_process(run_dir, [*RUN, f"num_epochs={N}", "checkpoints_total_limit=2"])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def half_run(tmp_path_factory, offline_env):
+    """The same run stopped (cleanly) after 2 of the N epochs."""
+    run_dir = tmp_path_factory.mktemp("half") / "run"
+    run_in_process(run_dir, [*RUN, "num_epochs=2"])
+    return run_dir
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, str]]:
+    """relative path -> (mtime_ns, sha256) of every file under ``directory``."""
+    found = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                found[os.path.relpath(path, directory)] = (os.stat(path).st_mtime_ns,
+                                                           hashlib.sha256(handle.read()).hexdigest())
+    return found
+
+
+def assert_same_epochs(records, reference_records):
+    """Per-epoch numbers of a resumed run equal those of the uninterrupted run (float tolerance)."""
+    by_epoch = {r["epoch"]: r for r in reference_records}
+    for record in records:
+        ref = by_epoch[record["epoch"]]
+        for key in ("global_step", "num_samples"):
+            assert record[key] == ref[key], (record["epoch"], key)
+        for key in ("reward_mean", "reward_std", "loss", "clipfrac", "approx_kl", "grad_norm"):
+            assert record[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), (record["epoch"], key)
+
+
+def test_checkpoints_total_limit_keeps_newest(reference):
+    records = read_metrics(reference)
+    assert [r["epoch"] for r in records] == list(range(N))
+    assert [r["global_step"] for r in records] == [2, 4, 6, 8]
+    names = sorted(os.listdir(reference / "checkpoints"))
+    assert names == [f"checkpoint_{N - 1:05d}", f"checkpoint_{N:05d}"]  # save_freq=1, limit 2
+    states = [json.loads((reference / "checkpoints" / n / "ddpo_state.json").read_text()) for n in names]
+    assert states == [{"epochs_completed": 3, "global_step": 6}, {"epochs_completed": 4, "global_step": 8}]
+
+
+def test_more_epochs_continue_the_same_run(reference, half_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(half_run, run_dir)
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [0, 1]
+
+    run_in_process(run_dir, [*RUN, f"num_epochs={N}"])
+
+    records = read_metrics(run_dir)
+    assert [r["epoch"] for r in records] == list(range(N)), "an epoch is missing or repeated"
+    steps = [r["global_step"] for r in records]
+    assert steps == sorted(steps) and len(set(steps)) == N
+    assert_same_epochs(records, read_metrics(reference))
+    # the tracker buffers were restored: the last checkpoints hold the same buffers as the reference's
+    ours = torch.load(run_dir / "checkpoints" / f"checkpoint_{N:05d}" / "custom_checkpoint_0.pkl", weights_only=False)
+    ref = torch.load(reference / "checkpoints" / f"checkpoint_{N:05d}" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert ours == ref
+
+
+def test_killed_after_a_checkpoint_resumes_without_gaps(reference, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    # checkpoints after epochs 2 and 4; epoch index 2 is recorded, then the run dies in epoch 3
+    # (reward calls 0-5 are epochs 0-2, two sampling batches each)
+    killed = [*RUN, f"num_epochs={N}", "save_freq=2",
+              "reward._target_=tests.fixtures.bad_rewards.FailOnCall", "+reward.fail_on_call=6"]
+    with pytest.raises(SimulatedKill):
+        run_in_process(run_dir, killed)
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [0, 1, 2]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["checkpoint_00002"]
+    saved = torch.load(run_dir / "checkpoints" / "checkpoint_00002" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert saved["epochs_completed"] == 2 and saved["global_step"] == 4
+    assert saved["stat_tracker"]["buffers"], "the checkpoint holds no reward buffers"
+
+    restored = []
+    original_load = TrainingState.load_state_dict
+
+    def spy(self, state):
+        original_load(self, state)
+        restored.append((self.epochs_completed, self.global_step, self.stat_tracker.state_dict()))
+
+    monkeypatch.setattr(TrainingState, "load_state_dict", spy)
+    run_in_process(run_dir, [*RUN, f"num_epochs={N}", "save_freq=2"])
+
+    assert len(restored) == 1
+    epochs_completed, global_step, tracker_state = restored[0]
+    assert (epochs_completed, global_step) == (2, 4)
+    assert tracker_state["buffers"] == saved["stat_tracker"]["buffers"]
+
+    records = read_metrics(run_dir)
+    assert [r["epoch"] for r in records] == list(range(N)), "an epoch is missing or repeated"
+    assert [r["global_step"] for r in records] == [2, 4, 6, 8]
+    assert_same_epochs(records, read_metrics(reference))
+
+
+def test_finished_run_started_again_changes_nothing(reference, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)  # copy2: modification times are kept
+    before = snapshot(run_dir)
+    last_reward = read_metrics(run_dir)[-1]["reward_mean"]
+
+    with caplog.at_level(logging.INFO, logger="ddpo"):
+        result, _ = run_in_process(run_dir, [*RUN, f"num_epochs={N}", "checkpoints_total_limit=2"])
+
+    assert any("already complete" in r.getMessage() for r in caplog.records), caplog.text
+    assert result == pytest.approx(last_reward)
+    assert snapshot(run_dir) == before, "a finished run was modified by starting it again"
+
+
+def test_resume_from_another_run_directory(reference, half_run, tmp_path):
+    before = snapshot(half_run)
+    run_dir = tmp_path / "run"
+
+    run_in_process(run_dir, [*RUN, f"num_epochs={N}", f"resume_from={half_run}"])
+
+    records = read_metrics(run_dir)
+    assert [r["epoch"] for r in records] == [2, 3], "did not start from the other run's last checkpoint"
+    assert [r["global_step"] for r in records] == [6, 8]
+    assert_same_epochs(records, read_metrics(reference))
+    assert snapshot(half_run) == before, "resume_from modified the run it started from"
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["checkpoint_00003", "checkpoint_00004"]

@@ -84,6 +84,17 @@ def derived_seed(*parts: int) -> int:
 
 
 # -- rewards ------------------------------------------------------------------------------------
+def reward_executor(device) -> ThreadPoolExecutor:
+    """One background thread for rewards, so they run while the next batch samples.
+
+    On the CPU the thread computes with one intra-op thread: a second OpenMP team would make the
+    OpenMP runtime count more threads than cores and stop spin-waiting, which slows every UNet
+    call of the sampling and training loop by about 1.7x on 2 cores.
+    """
+    init = (lambda: torch.set_num_threads(1)) if torch.device(device).type == "cpu" else None
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward", initializer=init)
+
+
 def check_reward_output(name: str, output, batch_size: int) -> tuple[torch.Tensor, dict]:
     """Validate what a reward returned: one finite number per image (and an info dict)."""
     if not (isinstance(output, tuple) and len(output) == 2):
@@ -392,7 +403,7 @@ def train(comps: Components, run) -> float | None:
     log.info(plan.summary(run))
 
     last_reward = None
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+    executor = reward_executor(accelerator.device)
     preemption = PreemptionGuard(run.preemption_grace_s).install()
     try:
         for epoch in range(state.epochs_completed, run.num_epochs):

@@ -254,7 +254,6 @@ def train_epoch(comps: Components, run, epoch: int, samples: SampleBatch, advant
     device = accelerator.device
     n, num_steps = samples.log_probs.shape
     trained = plan.trained_timesteps
-    micro_per_batch = math.ceil(trained / t.timesteps_per_call)
     generator = torch.Generator().manual_seed(derived_seed(run.seed, epoch, accelerator.process_index, 3))
     totals: dict[str, list] = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio_dev_max": [], "grad_norm": []}
     model.train()

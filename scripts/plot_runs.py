@@ -1,0 +1,144 @@
+"""Compare the runs of a sweep: reward per epoch (mean ± std), one line per job, and a CSV summary.
+
+    python scripts/plot_runs.py multirun/2025-01-31/12-00-00-000000
+    python scripts/plot_runs.py outputs/run_a outputs/run_b --out-dir comparisons/ --metric reward_mean
+
+Each argument is a run directory (it holds ``metrics.jsonl``) or a sweep directory (its job
+subdirectories hold them). A line is labelled by the job's overrides (``.hydra/overrides.yaml``)
+that differ between the runs shown. Writes ``reward_curves.png`` and ``summary.csv`` (one row per
+job: its final and best reward) into ``--out-dir``: the sweep directory when there is one
+argument, else the working directory.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+METRICS_FILE = "metrics.jsonl"
+OVERRIDES_FILE = os.path.join(".hydra", "overrides.yaml")
+
+
+def find_runs(paths: list[str]) -> list[str]:
+    """Run directories under ``paths``: each path itself if it is a run, else its job subdirectories."""
+    runs = []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, METRICS_FILE)):
+            runs.append(path)
+            continue
+        if not os.path.isdir(path):
+            raise SystemExit(f"error: {path} is not a directory")
+        jobs = [os.path.join(path, name) for name in os.listdir(path)
+                if os.path.isfile(os.path.join(path, name, METRICS_FILE))]
+        if not jobs:
+            raise SystemExit(f"error: no {METRICS_FILE} in {path} nor in its subdirectories")
+        runs.extend(sorted(jobs, key=_job_order))
+    return runs
+
+
+def _job_order(path: str):
+    name = os.path.basename(path)
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, METRICS_FILE)) as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    return sorted(records, key=lambda r: r["epoch"])
+
+
+def read_overrides(run_dir: str) -> list[str]:
+    path = os.path.join(run_dir, OVERRIDES_FILE)
+    if not os.path.isfile(path):
+        return []
+    from omegaconf import OmegaConf
+
+    return [str(item) for item in OmegaConf.load(path)]
+
+
+def labels_for(runs: list[str], overrides: list[list[str]]) -> list[str]:
+    """Each run's overrides that are not shared by all runs (its directory name if none differ)."""
+    shared = set.intersection(*(set(o) for o in overrides)) if len(runs) > 1 else set()
+    labels = []
+    for run, items in zip(runs, overrides):
+        own = [item for item in items if item not in shared]
+        labels.append(" ".join(own) if own else os.path.basename(os.path.normpath(run)))
+    return labels
+
+
+def summarise(run: str, label: str, items: list[str], records: list[dict], metric: str) -> dict:
+    values = [r[metric] for r in records if metric in r]
+    last = records[-1] if records else {}
+    return {
+        "run": run,
+        "label": label,
+        "overrides": " ".join(items),
+        "epochs": len(records),
+        f"final_{metric}": last.get(metric, ""),
+        "final_reward_std": last.get("reward_std", ""),
+        f"best_{metric}": max(values) if values else "",
+    }
+
+
+def plot(series: list[tuple[str, list[dict]]], metric: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, records in series:
+        records = [r for r in records if metric in r]
+        if not records:
+            continue
+        epochs = np.array([r["epoch"] for r in records])
+        mean = np.array([r[metric] for r in records])
+        short = label if len(label) <= 70 else label[:67] + "..."
+        (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=short)
+        if metric == "reward_mean":
+            std = np.array([r.get("reward_std", 0.0) for r in records])
+            ax.fill_between(epochs, mean - std, mean + std, alpha=0.2, color=line.get_color())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reward (mean ± std)" if metric == "reward_mean" else metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="sweep directories and/or run directories")
+    parser.add_argument("--out-dir", help="where to write reward_curves.png and summary.csv")
+    parser.add_argument("--metric", default="reward_mean", help="the metrics.jsonl key to plot (default reward_mean)")
+    args = parser.parse_args(argv)
+
+    runs = find_runs(args.paths)
+    out_dir = args.out_dir or (args.paths[0] if len(args.paths) == 1 else os.getcwd())
+    os.makedirs(out_dir, exist_ok=True)
+    overrides = [read_overrides(run) for run in runs]
+    labels = labels_for(runs, overrides)
+    records = [read_metrics(run) for run in runs]
+
+    png = os.path.join(out_dir, "reward_curves.png")
+    plot(list(zip(labels, records)), args.metric, png)
+    rows = [summarise(run, label, items, recs, args.metric)
+            for run, label, items, recs in zip(runs, labels, overrides, records)]
+    table = os.path.join(out_dir, "summary.csv")
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print(f"{row['label']}: {row['epochs']} epochs, final {args.metric} {row[f'final_{args.metric}']}")
+    print(f"wrote {png} and {table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

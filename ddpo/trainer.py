@@ -7,7 +7,6 @@ reads a ``RunConfig`` (plain dataclasses) and the components built by ``ddpo.con
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import shutil

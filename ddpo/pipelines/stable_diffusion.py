@@ -30,6 +30,8 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         device: str | torch.device = "cpu",
         resolution: int | None = None,
         gradient_checkpointing: bool = False,
+        attention: str = "sdpa",
+        compile_unet: bool = False,
     ):
         from diffusers import DDIMScheduler
 
@@ -72,7 +74,9 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
             self.unet.to(self.device).float().requires_grad_(True)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self._denoiser = self.unet
+        self._set_attention(attention)
+        self.compile_unet = compile_unet
+        self._denoiser = torch.compile(self.unet) if compile_unet else self.unet
         self._negative_embeds = None
         self._progress = None
 
@@ -85,7 +89,15 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         return self.unet
 
     def use_wrapped(self, wrapped: torch.nn.Module) -> None:
-        self._denoiser = wrapped
+        self._denoiser = torch.compile(wrapped) if self.compile_unet else wrapped
+
+    def _set_attention(self, attention: str) -> None:
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        processors = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
+        if attention not in processors:
+            raise ValueError(f"pipeline.attention must be one of {sorted(processors)}, got {attention!r}")
+        self.unet.set_attn_processor(processors[attention]())
 
     def _autocast(self):
         if self.dtype == torch.float32:

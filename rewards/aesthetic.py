@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddpo.errors import ConfigError
-from rewards.base import Reward, as_reward_tensor, check_images, first_line, freeze, resolve_dtype
+from rewards.base import ModelReward, open_clip_image_size, as_reward_tensor, check_images, first_line, freeze
 from rewards.download import HubSource, UrlSource, default_cache_dir, fetch_verified, verify_sha256
 
 HEAD_FILENAME = "sac+logos+ava1-l14-linearMSE.pth"
@@ -80,7 +80,7 @@ def load_head(path):
     return freeze(head.float())
 
 
-class AestheticReward(Reward):
+class AestheticReward(ModelReward):
     """LAION aesthetic score (1-10) of each image; prompts are ignored.
 
     Args:
@@ -112,10 +112,9 @@ class AestheticReward(Reward):
         download_timeout: float = 60.0,
         preprocess: str = "pil",
     ):
-        import torch
-
         from rewards.open_clip_models import create_open_clip
 
+        super().__init__()
         if preprocess not in PREPROCESS_MODES:
             raise ConfigError(f"reward.preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         self.preprocess = preprocess
@@ -139,17 +138,14 @@ class AestheticReward(Reward):
                 f"reward.clip_model={clip_model} embeds images in {embed_dim} dims but the aesthetic head "
                 f"expects {head_dim}; use a ViT-L-14 (768-dim) CLIP or a matching head"
             )
-        image_size = self.clip.visual.image_size
-        self.image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
+        self.image_size = open_clip_image_size(self.clip)
+
+    @property
+    def model(self):
+        return self.clip
 
     def to(self, device, dtype=None):
-        import torch
-
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype) or self.dtype
-        self.clip.to(self.device, self.dtype)
+        super().to(device, dtype)
         self.head.to(self.device)  # tiny: stays float32 for accurate scores
         return self
 

@@ -29,6 +29,36 @@ class Reward:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+class ModelReward(Reward):
+    """A reward scored by a frozen torch model held in ``self.model``.
+
+    ``to`` moves it to the device and casts it to the dtype; the batch is then moved to
+    ``self.device`` / ``self.dtype`` when scored.
+    """
+
+    model: Any = None
+
+    def __init__(self):
+        import torch
+
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    def to(self, device: Any, dtype: Any = None) -> "ModelReward":
+        import torch
+
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype) or self.dtype
+        self.model.to(self.device, self.dtype)
+        return self
+
+
+def open_clip_image_size(model) -> int:
+    """The square input size of an open_clip model's image tower."""
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def check_images(images):
     """Validate a (B, 3, H, W) floating-point image batch and return it unchanged."""
     import torch

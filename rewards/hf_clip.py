@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddpo.errors import ConfigError
-from rewards.base import Reward, as_reward_tensor, check_images, first_line, freeze, resolve_dtype, to_pil_images
+from rewards.base import ModelReward, as_reward_tensor, check_images, first_line, freeze, to_pil_images
 
 
 def load_pretrained(loader, path: str, revision: str | None, *, what: str, key: str):
@@ -42,7 +42,7 @@ def _embeddings(output):
     return output.pooler_output
 
 
-class HFClipReward(Reward):
+class HFClipReward(ModelReward):
     """Base class: a transformers dual encoder (``get_image_features``/``get_text_features``).
 
     Subclasses set ``name`` and :meth:`factor`; ``info["cosine"]`` carries the raw cosine.
@@ -57,9 +57,9 @@ class HFClipReward(Reward):
         processor_path: str | None = None,
         processor_revision: str | None = None,
     ):
-        import torch
         from transformers import AutoModel, AutoProcessor
 
+        super().__init__()
         if processor_path is None:
             processor_path, processor_revision = model_path, model_revision
         self.processor = load_pretrained(
@@ -73,16 +73,6 @@ class HFClipReward(Reward):
                 raise ConfigError(f"reward.model_path={model_path} is not a CLIP-style model (no {method})")
         text_config = getattr(self.model.config, "text_config", self.model.config)
         self.max_length = int(getattr(text_config, "max_position_embeddings", 77))
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
-
-    def to(self, device, dtype=None):
-        import torch
-
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype) or self.dtype
-        self.model.to(self.device, self.dtype)
-        return self
 
     def factor(self):
         """Multiplier of the cosine similarity (float or 0-d tensor)."""

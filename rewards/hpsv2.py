@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 
 from ddpo.errors import ConfigError
-from rewards.base import Reward, as_reward_tensor, check_images, first_line, resolve_dtype
+from rewards.base import ModelReward, open_clip_image_size, as_reward_tensor, check_images, first_line
 from rewards.clip_preprocess import RESIZE_MODES
 
 HUB_REPO = "xswu/HPSv2"
@@ -73,7 +73,7 @@ def load_hps_state_dict(model, path: str, weights_only: bool = True) -> None:
         )
 
 
-class HPSv2(Reward):
+class HPSv2(ModelReward):
     """HPS v2.1 preference score of each image for its prompt.
 
     Args:
@@ -97,10 +97,9 @@ class HPSv2(Reward):
         weights_only: bool = True,
         resize: str = "longest",
     ):
-        import torch
-
         from rewards.open_clip_models import create_open_clip, open_clip_tokenizer
 
+        super().__init__()
         if resize not in RESIZE_MODES:
             raise ConfigError(f"reward.resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.resize = resize
@@ -109,18 +108,7 @@ class HPSv2(Reward):
         load_hps_state_dict(self.model, path, weights_only)
         self.model.eval()
         self.tokenizer = open_clip_tokenizer(clip_model)
-        image_size = self.model.visual.image_size
-        self.image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
-
-    def to(self, device, dtype=None):
-        import torch
-
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype) or self.dtype
-        self.model.to(self.device, self.dtype)
-        return self
+        self.image_size = open_clip_image_size(self.model)
 
     def __call__(self, images, prompts, metadata):
         import torch

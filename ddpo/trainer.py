@@ -12,7 +12,7 @@ import random
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -58,7 +58,6 @@ class TrainingState:
     epochs_completed: int = 0
     global_step: int = 0
     stat_tracker: PerPromptStatTracker | None = None
-    extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return {

@@ -6,7 +6,6 @@ A new model family (SDXL, SD3, ...) is a new subclass of ``DDPOPipeline`` plus a
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 
@@ -106,7 +105,3 @@ class DDPOPipeline(ABC):
     @abstractmethod
     def save_final(self, directory: str) -> list[str]:
         """Write the trained weights in the model family's usual format; return the files."""
-
-    def set_progress(self, progress: Callable | None) -> None:
-        """Optional: a callable wrapping the denoising loop's iterable (e.g. a progress bar)."""
-        self._progress = progress

@@ -78,7 +78,6 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         self.compile_unet = compile_unet
         self._denoiser = torch.compile(self.unet) if compile_unet else self.unet
         self._negative_embeds = None
-        self._progress = None
 
     # -- structure -------------------------------------------------------------------------
     @property
@@ -148,8 +147,7 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         latents = draw_noise(shape, generator, self.device, torch.float32)
         latents = latents * self.scheduler.init_noise_sigma
         trajectory, log_probs = [latents], []
-        steps = self._progress(timesteps) if self._progress else timesteps
-        for t in steps:
+        for t in timesteps:
             t_batch = t.expand(batch)
             output = self._guided_output(latents, t_batch, prompt_embeds, guidance_scale, cfg=guidance_scale != 1.0)
             latents, log_prob = ddim_step_with_logprob(

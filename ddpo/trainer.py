@@ -181,11 +181,11 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
     info = {key: torch.cat([inf[key] for _, inf, _ in results])
             for key in results[0][1] if all(key in inf for _, inf, _ in results)}
     merged = SampleBatch(**{k: torch.cat([getattr(b, k) for b in batches]) for k in batches[0].tensors()})
-    hook_data = [
+    hook_data = [  # copied to the host only when a hook will read it
         [b.images.float().cpu(), prompts_all[j * s.batch_size:(j + 1) * s.batch_size],
          meta_all[j * s.batch_size:(j + 1) * s.batch_size], r.cpu()]
         for j, (b, (r, _, _)) in enumerate(zip(batches, results))
-    ]
+    ] if comps.image_hook is not None else []
     return EpochSamples(merged, prompts_all, meta_all, rewards, info, hook_data, sample_s=waited - started,
                         reward_wait_s=reward_wait_s, reward_s=sum(t for _, _, t in results))
 
@@ -254,6 +254,7 @@ def train_epoch(comps: Components, run, epoch: int, samples: SampleBatch, advant
     trained = plan.trained_timesteps
     generator = torch.Generator().manual_seed(derived_seed(run.seed, epoch, accelerator.process_index, 3))
     totals: dict[str, list] = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio_dev_max": [], "grad_norm": []}
+    parameters = pipeline.trainable_parameters()
     model.train()
     for inner in range(t.num_inner_epochs):
         order = torch.randperm(n, generator=generator)
@@ -262,11 +263,12 @@ def train_epoch(comps: Components, run, epoch: int, samples: SampleBatch, advant
                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
         for b in bar:
             rows = order[b * t.batch_size:(b + 1) * t.batch_size]
+            batch_advantages = advantages[rows.to(device)]
             last_of_step = (b + 1) % t.gradient_accumulation_steps == 0
             for start in range(0, trained, t.timesteps_per_call):
                 steps = step_order[rows, start:start + t.timesteps_per_call]
                 batch = {k: v.to(device) for k, v in transition_rows(samples, rows, steps).items()}
-                adv = advantages[rows.to(device)].repeat_interleave(steps.shape[1])
+                adv = batch_advantages.repeat_interleave(steps.shape[1])
                 sync = last_of_step and start + t.timesteps_per_call >= trained
                 # every transition weighs the same in an optimizer step, however they are grouped
                 weight = steps.shape[1] / (trained * t.gradient_accumulation_steps)
@@ -278,7 +280,7 @@ def train_epoch(comps: Components, run, epoch: int, samples: SampleBatch, advant
                 for key, value in stats.items():
                     totals[key].append(value)
                 if sync:
-                    grad_norm = accelerator.clip_grad_norm_(pipeline.trainable_parameters(), t.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm)
                     totals["grad_norm"].append(torch.as_tensor(grad_norm, device=device).float())
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -287,7 +289,6 @@ def train_epoch(comps: Components, run, epoch: int, samples: SampleBatch, advant
     for key, values in totals.items():
         value = torch.stack([v.float() for v in values]).mean() if values else torch.zeros((), device=device)
         means[key] = accelerator.reduce(value.to(device), reduction="mean").item()
-    means["ratio_dev_max"] = max(means["ratio_dev_max"], 0.0)
     return means
 
 
@@ -383,8 +384,9 @@ def train(comps: Components, run) -> float | None:
     accelerator.register_for_checkpointing(state)
 
     resume = None
-    if list_checkpoints(comps.run_dir):
-        resume = list_checkpoints(comps.run_dir)[-1][1]
+    own_checkpoints = list_checkpoints(comps.run_dir)
+    if own_checkpoints:
+        resume = own_checkpoints[-1][1]
     elif run.resume_from:
         resume = resolve_resume(run.resume_from)
     if resume:

@@ -4,13 +4,16 @@ Nothing else in ``ddpo`` knows about Hydra: the trainer receives plain dataclass
 The values and their explanations live in ``conf/config.yaml``; the schema here fixes the types.
 """
 
+import dataclasses
 import enum
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from ddpo.errors import ConfigError
 
@@ -114,8 +117,19 @@ class BatchPlan:
         )
 
 
+def check_finite(node, prefix: str = "") -> None:
+    """Every float of the config is a real number: NaN passes every ``x <= 0`` check, and trains NaN weights."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name} must be a finite number (got {value})")
+
+
 def plan_batches(run: RunConfig, world_size: int = 1) -> BatchPlan:
     """Check the run's numbers and return its batch arithmetic; ConfigError names the bad key."""
+    check_finite(run)
     s, t = run.sample, run.train
 
     def positive(key: str, value) -> None:
@@ -129,6 +143,10 @@ def plan_batches(run: RunConfig, world_size: int = 1) -> BatchPlan:
         positive(f"train.{key}", getattr(t, key))
     if t.learning_rate < 0:
         raise ConfigError(f"train.learning_rate must be >= 0 (got {t.learning_rate})")
+    if not 0 <= run.seed < 2**32:  # numpy's global generator (seeded with it) takes 32 bits
+        raise ConfigError(f"seed must be in [0, 2**32) (got {run.seed})")
+    if run.preemption_grace_s < 0:
+        raise ConfigError(f"preemption_grace_s must be >= 0 (got {run.preemption_grace_s})")
     positive("num_epochs", run.num_epochs)
     positive("save_freq", run.save_freq)
     positive("lora_rank", run.lora_rank)
@@ -137,6 +155,11 @@ def plan_batches(run: RunConfig, world_size: int = 1) -> BatchPlan:
     if s.eta <= 0:
         raise ConfigError(
             f"sample.eta must be > 0 (got {s.eta}): DDPO needs a stochastic DDIM step to have log probabilities"
+        )
+    if not s.guidance_scale >= 1:
+        raise ConfigError(
+            f"sample.guidance_scale must be >= 1 (got {s.guidance_scale}): 1 disables classifier-free guidance, "
+            "above 1 guides; below 1 would mix in the unconditional prediction"
         )
     if not 0 < t.timestep_fraction <= 1:
         raise ConfigError(f"train.timestep_fraction must be in (0, 1] (got {t.timestep_fraction})")
@@ -175,7 +198,11 @@ def run_config(cfg: DictConfig) -> RunConfig:
     for group in ("model", "pipeline", "reward", "prompt", "logger"):
         data.pop(group, None)
     data.pop("experiment", None)
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
+    except ConfigKeyError as exc:  # a key added with +key=value that the schema does not know
+        raise ConfigError(f"unknown config key {exc.full_key!r} (check its spelling; python train.py --cfg job "
+                          "lists every key)") from None
     return OmegaConf.to_object(merged)
 
 
@@ -227,8 +254,11 @@ def _make_accelerator(run: RunConfig, run_dir: str, backend: str):
     return accelerator, run_dir
 
 
-def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward"):
-    """Validate ``cfg`` and build every component of a run (the trainer's ``Components``)."""
+def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dict | None = None):
+    """Validate ``cfg`` and build every component of a run (the trainer's ``Components``).
+
+    ``sweep``: the wandb group and tags of a sweep job (``sweep_labels``), unless the logger config sets them.
+    """
     run = run_config(cfg)
     plan_batches(run)  # fail on bad numbers before anything heavy (torch, diffusers) is imported
     logger_cfg = cfg.logger
@@ -238,20 +268,23 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward"):
 
     import torch
 
-    from ddpo.logging import RunTracker
+    from ddpo.logging import RunTracker, wandb_run_id
     from ddpo.trainer import Components
 
     accelerator, run_dir = _make_accelerator(run, run_dir, backend)
     plan = plan_batches(run, accelerator.num_processes)
     torch.backends.cuda.matmul.allow_tf32 = run.allow_tf32
     torch.backends.cudnn.allow_tf32 = run.allow_tf32
+    run_lock = None
     if accelerator.is_main_process:
+        from ddpo.run_lock import RunLock
+
         os.makedirs(run_dir, exist_ok=True)
+        run_lock = RunLock(run_dir).acquire()  # before anything (trackers included) writes into the directory
     prompt_fn = _instantiate(cfg.prompt, "the prompt set (prompt=...)")
     reward_fn = _instantiate(cfg.reward, "the reward (reward=...)")
     if hasattr(reward_fn, "to"):
-        reward_fn.to(accelerator.device, dtype=None if run.mixed_precision.value == "no" else
-                     {"fp16": torch.float16, "bf16": torch.bfloat16}[run.mixed_precision.value])
+        reward_fn.to(accelerator.device)  # in the reward's own dtype (reward.dtype), not the run's mixed precision
     from accelerate.utils import set_seed
 
     set_seed(run.seed)  # LoRA's random init, and anything else drawn from the global generators
@@ -266,24 +299,34 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward"):
         device=accelerator.device,
         resolution=cfg.model.get("resolution"),
     )
+    if pipeline.max_num_steps is not None and run.sample.num_steps > pipeline.max_num_steps:
+        raise ConfigError(f"sample.num_steps={run.sample.num_steps} exceeds the scheduler's "
+                          f"{pipeline.max_num_steps} training timesteps")
     hook_cfg = logger_cfg.get("image_hook")
     image_hook = _instantiate(hook_cfg, "the image hook (logger.image_hook)") if hook_cfg else None
 
     if backend != "none":
         init_kwargs = {}
         if backend == "wandb":
+            # the logger config's own group/tags win over the sweep's
+            labels = {**(sweep or {}), **{k: v for k in ("group", "tags") if (v := logger_cfg.get(k)) is not None}}
             init_kwargs["wandb"] = {
                 "dir": run_dir,
                 "name": logger_cfg.get("name") or os.path.basename(run_dir),
                 "entity": logger_cfg.get("entity"),
                 "mode": logger_cfg.get("mode"),
+                # one wandb run per run directory: a restarted or requeued run continues it
+                "id": wandb_run_id(run_dir) if accelerator.is_main_process else None,
+                "resume": "allow",
+                "group": labels.get("group"),
+                "tags": list(labels["tags"]) if labels.get("tags") is not None else None,
             }
         accelerator.init_trackers(
             logger_cfg.get("project", "ddpo"),
             config=_flat_config(cfg),
             init_kwargs=init_kwargs,
         )
-    tracker = RunTracker(accelerator, backend, run_dir)
+    tracker = RunTracker(accelerator, backend, run_dir, prompt_table_every=logger_cfg.get("prompt_table_every", 0))
     return run, Components(
         accelerator=accelerator,
         pipeline=pipeline,
@@ -294,6 +337,7 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward"):
         image_hook=image_hook,
         run_dir=run_dir,
         plan=plan,
+        run_lock=run_lock,
     )
 
 
@@ -315,6 +359,24 @@ def _flat_config(cfg: DictConfig) -> dict:
     return flat
 
 
+WANDB_TAG_MAX = 64  # wandb refuses longer tags
+WANDB_GROUP_MAX = 128  # and longer groups (server side)
+
+
+def sweep_labels(hydra_cfg) -> dict:
+    """``{"group": sweep dir, "tags": the job's overrides}`` for a Hydra multirun job, ``{}`` otherwise.
+
+    A sweep's jobs then show as one wandb group, each tagged with the values it was given.
+    """
+    from hydra.types import RunMode
+
+    if hydra_cfg.get("mode") != RunMode.MULTIRUN:
+        return {}
+    tags = [override[:WANDB_TAG_MAX] for override in hydra_cfg.overrides.task if override]
+    # the tail of the sweep directory is its timestamp: what tells two sweeps apart
+    return {"group": str(hydra_cfg.sweep.dir)[-WANDB_GROUP_MAX:], "tags": list(dict.fromkeys(tags))}
+
+
 def main(cfg: DictConfig) -> float | None:
     """What ``train.py`` runs: build from the composed config, train, and return the final reward.
 
@@ -326,16 +388,39 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from ddpo.distributed import init_from_submitit
-    from ddpo.errors import DDPOError
+    from ddpo.errors import DDPOError, Interrupted
+    from ddpo.resources import limit_threads
 
-    init_from_submitit()  # a multi-task submitit/SLURM job: torch.distributed before accelerate starts
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     reward_name = hydra_cfg.runtime.choices.get("reward", "reward")
     try:
-        run, components = build(cfg, run_dir, reward_name=reward_name)
+        check_launcher(hydra_cfg)
+        limit_threads()  # a sweep or SLURM job: its share of the cores, before torch starts its thread pool
+        init_from_submitit()  # a multi-task submitit/SLURM job: torch.distributed before accelerate starts
+        run, components = build(cfg, run_dir, reward_name=reward_name, sweep=sweep_labels(hydra_cfg))
         from ddpo.trainer import train  # imports torch: after the config checks, which fail fast
 
         return train(components, run)
-    except DDPOError as exc:
-        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:  # before training started (the loop turns it into Interrupted)
+        exc = Interrupted("interrupted before training started", exit_code=130)
+    except DDPOError as error:
+        exc = error
+    message = f"error: {exc}"
+    from ddpo.logging import log_to_files
+
+    log_to_files(message)
+    print(message, file=sys.stderr)
+    sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 1)
+
+
+def check_launcher(hydra_cfg) -> None:
+    """``launcher=...`` picks where a sweep's jobs run: without ``-m`` it would silently run here."""
+    from hydra.types import RunMode
+
+    launcher = hydra_cfg.runtime.choices.get("launcher")
+    if launcher and hydra_cfg.mode != RunMode.MULTIRUN:
+        raise ConfigError(
+            f"launcher={launcher} applies to sweeps only: add -m (python train.py -m launcher={launcher} ...) "
+            "to run through submitit, or drop launcher= to train in this process"
+        )

@@ -7,3 +7,11 @@ class DDPOError(Exception):
 
 class ConfigError(DDPOError):
     """A configuration value, file or model that cannot be used."""
+
+
+class Interrupted(DDPOError):
+    """The run was stopped by a signal; the message says how to resume, ``exit_code`` is the signal's."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

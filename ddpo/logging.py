@@ -1,6 +1,7 @@
 """Run records: metrics.jsonl, the tracker handed to image hooks, image grids and the reward curve."""
 
 import json
+import logging
 import math
 import os
 from typing import Any, Callable
@@ -8,11 +9,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ddpo.errors import DDPOError
+
+log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
+WANDB_RUN_ID_FILE = "run_id"  # in <run>/wandb/
 
 
 class MetricsFile:
-    """One JSON object per epoch, appended as each epoch ends (readable while the run goes on)."""
+    """One JSON object per epoch, appended as each epoch ends (readable while the run goes on).
+
+    Lines are strict JSON: a non-finite number is written as null (bare NaN is not JSON). A torn
+    last line (the process died while writing it) is dropped with a warning when read.
+    """
 
     def __init__(self, directory: str):
         self.path = os.path.join(directory, METRICS_FILE)
@@ -21,21 +30,48 @@ class MetricsFile:
         if not os.path.exists(self.path):
             return []
         with open(self.path) as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+            lines = [line for line in handle if line.strip()]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise DDPOError(f"{self.path} line {number} is not JSON; repair or remove that line") from None
+                log.warning("%s: dropped its last line, which was cut off (the run stopped while writing it)",
+                            self.path)
+        return records
 
     def keep_epochs_before(self, epoch: int) -> None:
         """Drop records of epochs >= ``epoch`` (they are redone after a resume)."""
+        if not os.path.exists(self.path):
+            return
         records = [r for r in self.read() if r["epoch"] < epoch]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as handle:
             for record in records:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(strict_json(record) + "\n")
         os.replace(tmp, self.path)
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(strict_json(record) + "\n")
             handle.flush()
+
+
+def log_to_files(message: str) -> None:
+    """Write ``message`` to the run's log files (train.log) only, not to the console."""
+    record = logging.LogRecord("ddpo", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            handler.flush()
+
+
+def strict_json(record: dict) -> str:
+    """``record`` as one line of standard JSON: NaN and infinities become null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False)
 
 
 def to_pil(image):
@@ -79,12 +115,15 @@ class RunTracker:
     PIL images, arrays or tensors, so a hook written for wandb (``[PIL image]`` values) also works
     with tensorboard and with no logger. Every call to ``log_images`` also writes a captioned grid
     to ``<run>/images/step_<step>.png``, so images are on disk whatever the logger.
+    ``log_epoch_rewards`` logs the epoch's reward histogram and, every ``prompt_table_every``
+    epochs (0: never), a per-prompt table.
     """
 
-    def __init__(self, accelerator, backend: str, run_dir: str):
+    def __init__(self, accelerator, backend: str, run_dir: str, prompt_table_every: int = 0):
         self.accelerator = accelerator
         self.backend = backend
         self.image_dir = os.path.join(run_dir, "images")
+        self.prompt_table_every = prompt_table_every
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
         if self.backend != "none":
@@ -105,15 +144,82 @@ class RunTracker:
             run.log({"images": [wandb.Image(p, caption=c) for (c, _), p in zip(flat, pils)]}, step=step)
         elif self.backend == "tensorboard":
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-            for i, ((caption, _), pil) in enumerate(zip(flat, pils)):
-                writer.add_image(f"images/{i:02d} {caption}", np.asarray(pil.convert("RGB")), step, dataformats="HWC")
+            # one tag per slot, the captions as text: a caption in the tag (it holds the reward) would
+            # make new tags every epoch, and the step slider would have nothing to move through
+            for i, pil in enumerate(pils):
+                writer.add_image(f"images/{i:02d}", np.asarray(pil.convert("RGB")), step, dataformats="HWC")
+            captions = "\n".join(f"- images/{i:02d}: {caption}" for i, (caption, _) in enumerate(flat))
+            writer.add_text("images/captions", captions, step)
             writer.flush()
         os.makedirs(self.image_dir, exist_ok=True)
         image_grid(pils, [c for c, _ in flat]).save(os.path.join(self.image_dir, f"step_{step or 0:06d}.png"))
 
+    def log_epoch_rewards(self, rewards: np.ndarray, prompts: list[str], step: int, epoch: int) -> None:
+        """The reward histogram of the epoch (all processes' samples), and the per-prompt table when due.
+
+        With no logger nothing is written: metrics.jsonl already holds the epoch's mean and std.
+        """
+        if not self.accelerator.is_main_process or self.backend == "none":
+            return
+        rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        table_due = self.prompt_table_every > 0 and epoch % self.prompt_table_every == 0
+        rows = per_prompt_rewards(prompts, rewards) if table_due else None
+        if self.backend == "wandb":
+            import wandb
+
+            values = {"reward": wandb.Histogram(rewards)}
+            if rows is not None:
+                values["reward_by_prompt"] = wandb.Table(columns=["prompt", "count", "mean", "std"], data=rows)
+            self.accelerator.get_tracker("wandb", unwrap=True).log(values, step=step)
+        elif self.backend == "tensorboard":
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_histogram("reward", rewards, step)
+            if rows is not None:
+                writer.add_text("reward_by_prompt", markdown_table(["prompt", "count", "mean", "std"], rows), step)
+            writer.flush()
+
     def finish(self) -> None:
         if self.backend != "none":
             self.accelerator.end_training()
+
+
+def per_prompt_rewards(prompts: list[str], rewards: np.ndarray) -> list[list]:
+    """``[prompt, count, mean, std]`` for each distinct prompt, sorted by prompt."""
+    prompts_arr = np.asarray(prompts, dtype=object)
+    rows = []
+    for prompt in sorted(set(prompts)):
+        values = rewards[prompts_arr == prompt]
+        rows.append([prompt, int(values.size), float(values.mean()), float(values.std())])
+    return rows
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    """A markdown table (TensorBoard's text tab renders it); floats with 4 significant digits."""
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def wandb_run_id(run_dir: str) -> str:
+    """The wandb run id of ``run_dir``: made once, kept in ``<run>/wandb/run_id``.
+
+    A restarted or requeued run reads it back, so it continues the same wandb run (resume="allow").
+    """
+    path = os.path.join(run_dir, "wandb", WANDB_RUN_ID_FILE)
+    if os.path.isfile(path):
+        with open(path) as handle:
+            run_id = handle.read().strip()
+        if run_id:
+            return run_id
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as handle:
+        handle.write(run_id + "\n")
+    os.replace(path + ".tmp", path)
+    return run_id
 
 
 def log_last_batch_images(image_data, global_step: int, accelerate_logger, size: int = 256) -> None:

@@ -85,7 +85,7 @@ class PreemptionGuard:
             self._timer = threading.Timer(self.grace_s, self._grace_over)
             self._timer.daemon = True
             self._timer.start()
-        log.warning("received %s: saving a checkpoint at the end of this epoch (within %.0f s), then requeue",
+        log.warning("received %s: saving a checkpoint at the end of this epoch (within %.0f s)",
                     signal.Signals(signum).name, self.grace_s)
 
     def _grace_over(self) -> None:

@@ -14,6 +14,7 @@ import abc
 import importlib.resources
 import os
 import random
+import unicodedata
 from typing import Any
 
 from ddpo.errors import ConfigError
@@ -162,6 +163,13 @@ class FilePrompts(PromptSet):
             raise ConfigError(
                 f"cannot read prompt file {self.path} (prompt.path): {e}"
             ) from None
+        for number, line in enumerate(text.split("\n"), start=1):
+            bad = next((c for c in line.rstrip("\r") if c != "\t" and unicodedata.category(c) == "Cc"), None)
+            if bad is not None:
+                raise ConfigError(
+                    f"prompt file {self.path} (prompt.path) line {number}: control character {bad!r}; "
+                    "prompts must be plain text"
+                )
         self.prompts: list[str] = _parse_lines(text)
         if not self.prompts:
             raise ConfigError(

@@ -19,18 +19,22 @@ class PerPromptStatTracker:
 
     def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
         rewards = np.asarray(rewards, dtype=np.float64)
-        advantages = np.empty_like(rewards)
+        if len(prompts) != len(rewards):
+            raise ValueError(f"{len(prompts)} prompts for {len(rewards)} rewards")
+        # grouped as Python strings: numpy's string comparison drops trailing NULs and matches nothing
+        rows: dict[str, list[int]] = defaultdict(list)
+        for i, prompt in enumerate(prompts):
+            rows[str(prompt)].append(i)
+        advantages = np.full_like(rewards, np.nan)
         batch_mean, batch_std = rewards.mean(), rewards.std() + 1e-6
-        prompts_arr = np.asarray(prompts, dtype=object)
-        for prompt in dict.fromkeys(prompts):
-            mask = prompts_arr == prompt
+        for prompt, index in rows.items():
             buffer = self.buffers[prompt]
-            buffer.extend(rewards[mask].tolist())
+            buffer.extend(rewards[index].tolist())
             if len(buffer) < self.min_count:
                 mean, std = batch_mean, batch_std
             else:
                 mean, std = np.mean(buffer), np.std(buffer) + 1e-6
-            advantages[mask] = (rewards[mask] - mean) / std
+            advantages[index] = (rewards[index] - mean) / std
         return advantages
 
     def stats(self) -> dict[str, float]:

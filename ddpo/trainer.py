@@ -5,12 +5,17 @@ reads a ``RunConfig`` (plain dataclasses) and the components built by ``ddpo.con
 """
 
 import contextlib
+import errno
+import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
+import signal
 import time
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,8 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpo.errors import DDPOError
-from ddpo.logging import MetricsFile, RunTracker, plot_reward_curve
+from ddpo.errors import DDPOError, Interrupted
+from ddpo.logging import MetricsFile, RunTracker, log_to_files, plot_reward_curve
 from ddpo.pipelines.base import DDPOPipeline, SampleBatch
 from ddpo.preemption import PreemptionGuard
 from ddpo.stat_tracking import PerPromptStatTracker, global_advantages
@@ -29,7 +34,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "ddpo_state.json"
-TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"
 
 
 class RewardError(DDPOError):
@@ -49,11 +53,16 @@ class Components:
     image_hook: Callable | None
     run_dir: str
     plan: Any  # ddpo.config.BatchPlan
+    run_lock: Any = None  # ddpo.run_lock.RunLock held by the main process, released when training ends
 
 
 @dataclass
 class TrainingState:
-    """The loop's own state, saved in every checkpoint (registered with accelerate)."""
+    """The loop's own state, saved in every checkpoint as JSON (``ddpo_state.json``).
+
+    Not registered with accelerate, whose custom checkpoint objects are pickles loaded with
+    ``weights_only=False``: a crafted checkpoint could run code on resume.
+    """
 
     epochs_completed: int = 0
     global_step: int = 0
@@ -67,18 +76,30 @@ class TrainingState:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.epochs_completed = state["epochs_completed"]
-        self.global_step = state["global_step"]
-        if self.stat_tracker is not None and state["stat_tracker"] is not None:
+        self.epochs_completed = int(state["epochs_completed"])
+        self.global_step = int(state["global_step"])
+        if self.stat_tracker is not None and state.get("stat_tracker") is not None:
             self.stat_tracker.load_state_dict(state["stat_tracker"])
 
 
 def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across runs and processes (unlike hash())."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & (2**63 - 1)
-    return value
+    """A 63-bit seed from integers, stable across runs and processes (unlike hash()).
+
+    A cryptographic hash of the parts, so that distinct parts give distinct seeds (no weak mixing:
+    (seed, epoch, index) triples must not collide across the epochs of a run or between runs).
+    """
+    data = b",".join(str(int(part)).encode() for part in parts)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index`` of ``epoch``: its prompt and its noise derive from it alone."""
+    return derived_seed(seed, epoch, index)
+
+
+def shuffle_seed(seed: int, epoch: int, process_index: int) -> int:
+    """The seed of one process's training shuffle in ``epoch``."""
+    return derived_seed(seed, epoch, process_index, 3)
 
 
 # -- rewards ------------------------------------------------------------------------------------
@@ -93,13 +114,22 @@ def reward_executor(device) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward", initializer=init)
 
 
+def _as_numbers(name: str, what: str, value) -> torch.Tensor:
+    """``value`` as a flat float32 tensor, or a RewardError saying what the reward returned instead."""
+    try:
+        array = np.asarray(value.detach().cpu() if torch.is_tensor(value) else value, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise RewardError(f"reward {name!r} returned {what} that are not numbers ({type(exc).__name__}: "
+                          f"{str(exc)[:100]})") from None
+    return torch.as_tensor(array).reshape(-1)
+
+
 def check_reward_output(name: str, output, batch_size: int) -> tuple[torch.Tensor, dict]:
     """Validate what a reward returned: one finite number per image (and an info dict)."""
     if not (isinstance(output, tuple) and len(output) == 2):
         raise RewardError(f"reward {name!r} must return (rewards, info), got {type(output).__name__}")
     rewards, info = output
-    rewards = torch.as_tensor(np.asarray(rewards.detach().cpu() if torch.is_tensor(rewards) else rewards,
-                                         dtype=np.float32)).reshape(-1) if rewards is not None else None
+    rewards = _as_numbers(name, "rewards", rewards) if rewards is not None else None
     if rewards is None or rewards.numel() != batch_size:
         got = "None" if rewards is None else rewards.numel()
         raise RewardError(f"reward {name!r} returned {got} values for {batch_size} images")
@@ -108,9 +138,9 @@ def check_reward_output(name: str, output, batch_size: int) -> tuple[torch.Tenso
         raise RewardError(f"reward {name!r} returned {bad} non-finite value(s) (NaN/inf) for {batch_size} images")
     clean_info = {}
     for key, value in (info or {}).items():
-        value = torch.as_tensor(np.asarray(value.detach().cpu() if torch.is_tensor(value) else value, dtype=np.float32))
+        value = _as_numbers(name, f"info[{key!r}] values", value)
         if value.numel() == batch_size:
-            clean_info[key] = value.reshape(-1)
+            clean_info[key] = value
     return rewards, clean_info
 
 
@@ -160,7 +190,7 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
     bar = tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch}: sampling", leave=False,
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for i in bar:
-        seeds = [derived_seed(run.seed, epoch, first + i * s.batch_size + j) for j in range(s.batch_size)]
+        seeds = [sample_seed(run.seed, epoch, first + i * s.batch_size + j) for j in range(s.batch_size)]
         prompts, metadata = map(list, zip(*(comps.prompt_fn(random.Random(derived_seed(seed, 1))) for seed in seeds)))
         generator = [torch.Generator(device=accelerator.device).manual_seed(derived_seed(seed, 2)) for seed in seeds]
         batch = pipeline.sample(
@@ -191,24 +221,26 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
 
 
 def compute_advantages(comps: Components, run, samples: EpochSamples, tracker: PerPromptStatTracker | None):
-    """Gather rewards and prompts from every process, normalise, and return this process's share."""
+    """Gather rewards and prompts from every process, normalise, and return this process's share.
+
+    Returns (this process's advantages, all rewards, all reward extras, all prompts).
+    """
     accelerator = comps.accelerator
     device = accelerator.device
     all_rewards = accelerator.gather(samples.rewards.to(device)).cpu().numpy()
     all_info = {k: accelerator.gather(v.to(device)).cpu().numpy() for k, v in samples.reward_info.items()}
-    if tracker is not None:
-        if accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
+    all_prompts = samples.prompts  # every process's, in gather() order: the stat tracker and the logs need them
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
 
-            all_prompts = gather_object(samples.prompts)
-        else:
-            all_prompts = samples.prompts
+        all_prompts = gather_object(samples.prompts)
+    if tracker is not None:
         advantages = tracker.update(all_prompts, all_rewards)
     else:
         advantages = global_advantages(all_rewards)
     mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
     mine = np.clip(mine, -run.train.adv_clip_max, run.train.adv_clip_max)
-    return torch.as_tensor(mine, dtype=torch.float32, device=device), all_rewards, all_info
+    return torch.as_tensor(mine, dtype=torch.float32, device=device), all_rewards, all_info, all_prompts
 
 
 def ppo_loss(pipeline: DDPOPipeline, run, batch: dict[str, torch.Tensor], advantages: torch.Tensor):
@@ -252,7 +284,7 @@ def train_epoch(comps: Components, run, epoch: int, samples: SampleBatch, advant
     device = accelerator.device
     n, num_steps = samples.log_probs.shape
     trained = plan.trained_timesteps
-    generator = torch.Generator().manual_seed(derived_seed(run.seed, epoch, accelerator.process_index, 3))
+    generator = torch.Generator().manual_seed(shuffle_seed(run.seed, epoch, accelerator.process_index))
     totals: dict[str, list] = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio_dev_max": [], "grad_norm": []}
     parameters = pipeline.trainable_parameters()
     model.train()
@@ -293,45 +325,98 @@ def train_epoch(comps: Components, run, epoch: int, samples: SampleBatch, advant
 
 
 # -- checkpoints --------------------------------------------------------------------------------
+def read_state(checkpoint: str) -> dict:
+    """The loop state of a checkpoint, or a DDPOError naming the file."""
+    path = os.path.join(checkpoint, STATE_FILE)
+    try:
+        with open(path) as handle:
+            state = json.load(handle)
+        int(state["epochs_completed"]), int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DDPOError(f"{path} is unreadable ({type(exc).__name__}: {str(exc)[:100]})") from None
+    return state
+
+
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(epochs_completed, path) of every complete checkpoint under ``run_dir``, oldest first."""
+    """(epochs_completed, path) of every checkpoint under ``run_dir`` with a readable state, oldest first."""
     root = os.path.join(run_dir, CHECKPOINT_DIR)
     found = []
     if os.path.isdir(root):
         for name in os.listdir(root):
-            state_file = os.path.join(root, name, STATE_FILE)
-            if os.path.isfile(state_file):
-                with open(state_file) as handle:
-                    found.append((json.load(handle)["epochs_completed"], os.path.join(root, name)))
+            path = os.path.join(root, name)
+            if name.endswith(".partial") or not os.path.isfile(os.path.join(path, STATE_FILE)):
+                continue
+            try:
+                found.append((int(read_state(path)["epochs_completed"]), path))
+            except DDPOError as exc:
+                log.warning("skipping checkpoint %s: %s", path, exc)
     return sorted(found)
 
 
-def resolve_resume(path: str) -> str:
-    """A checkpoint directory from a checkpoint or a run directory."""
+def resume_candidates(path: str) -> list[str]:
+    """Checkpoints to resume from, newest first, given a checkpoint or a run directory."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return path
+        return [path]
     found = list_checkpoints(path)
     if not found:
         raise DDPOError(f"resume_from={path}: no checkpoint there (expected {CHECKPOINT_DIR}/*/{STATE_FILE})")
-    return found[-1][1]
+    return [p for _, p in reversed(found)]
+
+
+def load_checkpoint(accelerator, state: TrainingState, candidates: list[str]) -> str:
+    """Load the newest checkpoint of ``candidates`` that loads whole; warn about each that does not."""
+    failures = []
+    for path in candidates:
+        rng_file = os.path.join(path, f"random_states_{accelerator.process_index}.pkl")
+        if not os.path.isfile(rng_file):
+            log.warning("%s is missing: resuming without its random state (sampling is seeded per sample and "
+                        "unaffected; dropout or other global randomness may differ)", rng_file)
+        try:
+            loop_state = read_state(path)
+            accelerator.load_state(path)
+        except Exception as exc:  # truncated weights, missing or torn optimizer state, unreadable state file
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+            failures.append(f"{path} ({reason})")
+            log.warning("checkpoint %s cannot be loaded (%s)%s", path, reason,
+                        "; trying the previous one" if path != candidates[-1] else "")
+            continue
+        state.load_state_dict(loop_state)
+        if "stat_tracker" not in loop_state and state.stat_tracker is not None:
+            log.warning("%s holds no per-prompt statistics (an older checkpoint keeps them in a pickle, which is "
+                        "never read): the stat tracker starts empty", os.path.join(path, STATE_FILE))
+        return path
+    raise DDPOError("no checkpoint could be loaded: " + "; ".join(failures))
 
 
 def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
-    """save_state on every rank into a temporary directory, then publish it and prune old ones."""
+    """save_state on every rank into a temporary directory, then publish it and prune old ones.
+
+    A checkpoint appears whole or not at all; a full disk removes the partial one and stops the run
+    with one line (older checkpoints and the metrics are untouched).
+    """
     accelerator = comps.accelerator
     root = os.path.join(comps.run_dir, CHECKPOINT_DIR)
     final = os.path.join(root, f"checkpoint_{state.epochs_completed:05d}")
     tmp = final + ".partial"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp, STATE_FILE), "w") as handle:
+                json.dump(state.state_dict(), handle)
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
+        raise DDPOError(f"the disk is full: the checkpoint of epoch {state.epochs_completed} could not be written to "
+                        f"{tmp} (removed; older checkpoints and metrics.jsonl are intact). Free space and rerun the "
+                        "same command to resume") from None
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, STATE_FILE), "w") as handle:
-            json.dump({"epochs_completed": state.epochs_completed, "global_step": state.global_step}, handle)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if run.checkpoints_total_limit:
@@ -341,22 +426,82 @@ def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
     return final
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk; torch wraps the OSError in a RuntimeError."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def register_weight_hooks(accelerator, pipeline: DDPOPipeline) -> None:
-    """Checkpoints hold only the trained tensors (the LoRA, or the UNet when fully fine-tuned)."""
-    from safetensors.torch import load_file, save_file
+    """Checkpoints hold only the trained weights, in diffusers format (``pipeline.save_trained``)."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            state = {k: v.contiguous().cpu() for k, v in pipeline.trained_state_dict().items()}
-            save_file(state, os.path.join(output_dir, TRAINED_WEIGHTS_FILE))
+            pipeline.save_trained(output_dir)
         weights.clear()
 
     def load_hook(models, input_dir):
-        pipeline.load_trained_state_dict(load_file(os.path.join(input_dir, TRAINED_WEIGHTS_FILE)))
+        pipeline.load_trained(input_dir)
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def write_final(pipeline: DDPOPipeline, final_dir: str) -> list[str]:
+    """Export the trained weights to ``final_dir`` atomically: whole, or not there at all."""
+    tmp = final_dir + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    files = pipeline.export(tmp)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.replace(tmp, final_dir)
+    return [final_dir + f[len(tmp):] for f in files]
+
+
+def check_finite_training(stats: dict[str, float], epoch: int, run_dir: str) -> None:
+    """Stop before a diverged epoch is saved: its weights are NaN, the last checkpoint is still good."""
+    for key in ("loss", "grad_norm"):
+        if not math.isfinite(stats[key]):
+            raise DDPOError(f"epoch {epoch}: the training {key} is {stats[key]} (not finite), so the weights diverged; "
+                            "nothing of this epoch was saved (the last checkpoint in "
+                            f"{os.path.join(run_dir, CHECKPOINT_DIR)} is intact); lower train.learning_rate")
+
+
+def check_finite_weights(pipeline: DDPOPipeline, epoch: int, run_dir: str) -> None:
+    """Never checkpoint or export NaN weights: the last step of an epoch can diverge after its loss was finite."""
+    parameters = pipeline.trainable_parameters()
+    if not bool(torch.stack([p.detach().isfinite().all() for p in parameters]).all()):
+        raise DDPOError(f"epoch {epoch}: the trained weights hold NaN or infinite values (training diverged); "
+                        f"nothing of this epoch was saved (the last checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)}"
+                        " is intact); lower train.learning_rate")
+
+
+def run_image_hook(comps: Components, image_data, global_step: int, epoch: int) -> str | None:
+    """Call the image hook; a failure is returned as a one-line reason (the epoch is checkpointed first)."""
+    if comps.image_hook is None:
+        return None
+    try:
+        comps.image_hook(image_data, global_step, comps.tracker)
+    except Exception as exc:
+        name = getattr(comps.image_hook, "func", comps.image_hook)
+        name = f"{getattr(name, '__module__', '?')}.{getattr(name, '__qualname__', repr(name))}"
+        log_to_files(f"the image hook {name} failed at epoch {epoch}:\n{traceback.format_exc()}")  # for its author
+        return f"the image hook {name} (logger.image_hook) failed at epoch {epoch}: {type(exc).__name__}: " \
+               f"{' '.join(str(exc).split())[:160]}"
+    return None
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (collective: call it on every rank)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        value = accelerator.gather(value).max()
+    return bool(value.item())
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -381,20 +526,23 @@ def train(comps: Components, run) -> float | None:
     model, optimizer = accelerator.prepare(pipeline.trainable_module(), optimizer)
     pipeline.use_wrapped(model)
     register_weight_hooks(accelerator, pipeline)
-    accelerator.register_for_checkpointing(state)
 
-    resume = None
-    own_checkpoints = list_checkpoints(comps.run_dir)
-    if own_checkpoints:
-        resume = own_checkpoints[-1][1]
-    elif run.resume_from:
-        resume = resolve_resume(run.resume_from)
-    if resume:
-        accelerator.load_state(resume)
+    candidates = [p for _, p in reversed(list_checkpoints(comps.run_dir))]
+    if not candidates and run.resume_from:
+        candidates = resume_candidates(run.resume_from)
+    if candidates:
+        resume = load_checkpoint(accelerator, state, candidates)
         log.info("resumed from %s: %d epoch(s) done, global step %d", resume, state.epochs_completed, state.global_step)
+    final_dir = os.path.join(comps.run_dir, "final")
     if state.epochs_completed >= run.num_epochs:
         log.info("run in %s is already complete (%d of num_epochs=%d); nothing to do",
                  comps.run_dir, state.epochs_completed, run.num_epochs)
+        if accelerator.is_main_process and not os.path.isdir(final_dir):  # killed while writing it
+            log.warning("%s is missing: writing it from the last checkpoint", final_dir)
+            write_final(pipeline, final_dir)
+        accelerator.wait_for_everyone()
+        if comps.run_lock is not None:
+            comps.run_lock.release()
         records = metrics.read()
         return records[-1]["reward_mean"] if records else None
     if accelerator.is_main_process:
@@ -404,14 +552,20 @@ def train(comps: Components, run) -> float | None:
     last_reward = None
     executor = reward_executor(accelerator.device)
     preemption = PreemptionGuard(run.preemption_grace_s).install()
+    # SIGTERM (scancel, a scheduler, kill) outside submitit: checkpoint at the end of the epoch, then stop
+    termination = None if os.environ.get("SUBMITIT_EXECUTOR") else \
+        PreemptionGuard(run.preemption_grace_s, signal.SIGTERM).install()
+    epoch = state.epochs_completed
     try:
         for epoch in range(state.epochs_completed, run.num_epochs):
             started = time.perf_counter()
             samples = sample_epoch(comps, run, epoch, executor)
-            advantages, all_rewards, all_info = compute_advantages(comps, run, samples, tracker)
+            advantages, all_rewards, all_info, all_prompts = compute_advantages(comps, run, samples, tracker)
             train_started = time.perf_counter()
             train_stats = train_epoch(comps, run, epoch, samples.batch, advantages, optimizer, model, state)
             train_s = time.perf_counter() - train_started
+            check_finite_training(train_stats, epoch, comps.run_dir)
+            check_finite_weights(pipeline, epoch, comps.run_dir)
             state.epochs_completed = epoch + 1
             elapsed = time.perf_counter() - started
             record = {
@@ -432,30 +586,50 @@ def train(comps: Components, run) -> float | None:
             if tracker is not None:
                 record.update(tracker.stats())
             last_reward = record["reward_mean"]
+            hook_error = None
             if accelerator.is_main_process:
                 metrics.append(record)
                 comps.tracker.log({k: v for k, v in record.items() if k != "epoch"} | {"epoch": epoch},
                                   step=state.global_step)
-                if comps.image_hook is not None:
-                    comps.image_hook(samples.batch_images, state.global_step, comps.tracker)
+                comps.tracker.log_epoch_rewards(all_rewards, all_prompts, step=state.global_step, epoch=epoch)
+                hook_error = run_image_hook(comps, samples.batch_images, state.global_step, epoch)
             log.info("epoch %d/%d  reward %.4f ± %.4f  loss %.3g  kl %.2g  clipfrac %.3f  %.1fs",
                      epoch + 1, run.num_epochs, record["reward_mean"], record["reward_std"], record["loss"],
                      record["approx_kl"], record["clipfrac"], elapsed)
-            # a preemption/time-limit signal (any rank) is answered here: checkpoint, then requeue
-            preempted = preemption.requested(accelerator) and state.epochs_completed < run.num_epochs
-            if preempted or state.epochs_completed % run.save_freq == 0 or state.epochs_completed == run.num_epochs:
+            # signals (any rank) and a failed hook are answered here: checkpoint, then requeue or stop
+            unfinished = state.epochs_completed < run.num_epochs
+            preempted = preemption.requested(accelerator) and unfinished
+            terminated = termination is not None and termination.requested(accelerator) and unfinished
+            hook_failed = any_rank(accelerator, hook_error is not None)
+            if preempted or terminated or hook_failed or state.epochs_completed % run.save_freq == 0 \
+                    or state.epochs_completed == run.num_epochs:
                 save_checkpoint(comps, run, state)
                 if accelerator.is_main_process:
                     plot_reward_curve(metrics.read(), os.path.join(comps.run_dir, "reward_curve.png"),
                                       title=comps.reward_name)
+            if hook_failed:
+                raise DDPOError(f"{hook_error or 'the image hook failed on the main process'} (the checkpoint of "
+                                f"epoch {epoch} is saved: fix the hook and rerun the same command to resume)")
+            if terminated:
+                raise Interrupted(f"terminated (SIGTERM) during epoch {epoch}: its checkpoint is saved; rerun the "
+                                  "same command to resume", exit_code=128 + signal.SIGTERM)
             if preempted:
                 preemption.hand_over()
         if accelerator.is_main_process:
-            files = pipeline.save_final(os.path.join(comps.run_dir, "final"))
+            files = write_final(pipeline, final_dir)
             log.info("trained weights: %s", ", ".join(files))
         accelerator.wait_for_everyone()
+    except KeyboardInterrupt:
+        done = list_checkpoints(comps.run_dir)
+        since = f"from the checkpoint after epoch {done[-1][0] - 1}" if done else "from the start"
+        raise Interrupted(f"interrupted during epoch {epoch}; rerun the same command to resume ({since})",
+                          exit_code=130) from None
     finally:
         preemption.uninstall()
+        if termination is not None:
+            termination.uninstall()
         executor.shutdown(wait=False, cancel_futures=True)
         comps.tracker.finish()
+        if comps.run_lock is not None:
+            comps.run_lock.release()
     return last_reward

@@ -93,6 +93,7 @@ class AestheticReward(ModelReward):
         cache_dir: where the downloaded head is kept (default ``$XDG_CACHE_HOME/ddpo``).
         download_timeout: seconds for each socket operation of the URL download.
         preprocess: ``pil`` (the original preprocessing) or ``tensor`` (differentiable) for ``__call__``.
+        dtype: the dtype CLIP scores in (``fp32``; ``bf16``/``fp16`` save memory); the head stays fp32.
     """
 
     name = "aesthetic"
@@ -111,10 +112,11 @@ class AestheticReward(ModelReward):
         cache_dir: str | None = None,
         download_timeout: float = 60.0,
         preprocess: str = "pil",
+        dtype: str = "fp32",
     ):
         from rewards.open_clip_models import create_open_clip
 
-        super().__init__()
+        super().__init__(dtype)
         if preprocess not in PREPROCESS_MODES:
             raise ConfigError(f"reward.preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         self.preprocess = preprocess

@@ -32,17 +32,23 @@ class Reward:
 class ModelReward(Reward):
     """A reward scored by a frozen torch model held in ``self.model``.
 
-    ``to`` moves it to the device and casts it to the dtype; the batch is then moved to
-    ``self.device`` / ``self.dtype`` when scored.
+    The model scores in ``dtype`` (float32 unless the reward's config says otherwise, as
+    ddpo-pytorch scores its aesthetic reward): the run's mixed precision does not apply to rewards.
+    ``to`` moves it to the device; the batch is then moved to ``self.device`` / ``self.dtype``.
     """
 
     model: Any = None
 
-    def __init__(self):
+    def __init__(self, dtype: Any = "fp32"):
         import torch
 
+        from ddpo.errors import ConfigError
+
         self.device = torch.device("cpu")
-        self.dtype = torch.float32
+        try:
+            self.dtype = resolve_dtype(dtype)
+        except ValueError as error:
+            raise ConfigError(f"reward.dtype: {error}") from None
 
     def to(self, device: Any, dtype: Any = None) -> "ModelReward":
         import torch

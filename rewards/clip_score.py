@@ -32,9 +32,10 @@ class ClipScore(HFClipReward):
         processor_path: str | None = None,
         processor_revision: str | None = None,
         scale: float = 100.0,
+        dtype: str = "fp32",
     ):
         self.scale = float(scale)
-        super().__init__(model_path, model_revision, processor_path, processor_revision)
+        super().__init__(model_path, model_revision, processor_path, processor_revision, dtype)
 
     def factor(self):
         return self.scale

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddpo.errors import ConfigError
+from ddpo.network import unreachable, work_offline_unless_hub_reachable
 from rewards.base import first_line
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -57,6 +58,7 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None, cache_dir
     """Path of a Hub file in the Hugging Face cache, downloading it unless HF_HUB_OFFLINE is set."""
     from huggingface_hub import hf_hub_download
 
+    work_offline_unless_hub_reachable()
     return hf_hub_download(
         repo_id,
         filename,
@@ -72,6 +74,9 @@ class UrlSource:
     timeout: float = 60.0
 
     def fetch_to(self, dest, max_bytes: int | None = None) -> None:
+        reason = unreachable(self.url)  # in seconds, not after the full timeout of a hanging connection
+        if reason:
+            raise OSError(reason)
         fetch_url(self.url, dest, self.timeout, max_bytes)
 
     def __str__(self) -> str:

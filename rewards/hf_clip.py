@@ -15,6 +15,7 @@ from rewards.base import ModelReward, as_reward_tensor, check_images, first_line
 
 def load_pretrained(loader, path: str, revision: str | None, *, what: str, key: str):
     """``loader.from_pretrained`` of a local dir or a Hub id; a one-line ConfigError on failure."""
+    from ddpo.network import work_offline_unless_hub_reachable
     from rewards.download import hub_offline
 
     local = Path(str(path)).expanduser()
@@ -23,6 +24,7 @@ def load_pretrained(loader, path: str, revision: str | None, *, what: str, key: 
     elif str(path).startswith(("/", ".", "~")):
         raise ConfigError(f"{what} directory not found: {local}; set {key}=/path/to/a/saved/model/dir or a Hub id")
     else:
+        work_offline_unless_hub_reachable()
         source, kwargs = str(path), {"revision": revision, "local_files_only": hub_offline()}
     try:
         return loader.from_pretrained(source, **kwargs)
@@ -56,10 +58,11 @@ class HFClipReward(ModelReward):
         model_revision: str | None = None,
         processor_path: str | None = None,
         processor_revision: str | None = None,
+        dtype: str = "fp32",
     ):
         from transformers import AutoModel, AutoProcessor
 
-        super().__init__()
+        super().__init__(dtype)
         if processor_path is None:
             processor_path, processor_revision = model_path, model_revision
         self.processor = load_pretrained(

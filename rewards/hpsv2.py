@@ -96,10 +96,11 @@ class HPSv2(ModelReward):
         hub_revision: str | None = HUB_REVISION,
         weights_only: bool = True,
         resize: str = "longest",
+        dtype: str = "fp32",
     ):
         from rewards.open_clip_models import create_open_clip, open_clip_tokenizer
 
-        super().__init__()
+        super().__init__(dtype)
         if resize not in RESIZE_MODES:
             raise ConfigError(f"reward.resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.resize = resize

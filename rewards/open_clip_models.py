@@ -75,6 +75,10 @@ def create_open_clip(
                 f"set {pretrained_key}= one of {tags} or a local checkpoint file"
             )
 
+    if pretrained is not None and checkpoint is None:
+        from ddpo.network import work_offline_unless_hub_reachable
+
+        work_offline_unless_hub_reachable()  # open_clip downloads tags through the Hugging Face cache
     try:
         model = open_clip.create_model(
             architecture,

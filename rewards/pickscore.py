@@ -30,8 +30,9 @@ class PickScore(HFClipReward):
         model_revision: str | None = MODEL_REVISION,
         processor_path: str = PROCESSOR_PATH,
         processor_revision: str | None = PROCESSOR_REVISION,
+        dtype: str = "fp32",
     ):
-        super().__init__(model_path, model_revision, processor_path, processor_revision)
+        super().__init__(model_path, model_revision, processor_path, processor_revision, dtype)
 
     def factor(self):
         return self.model.logit_scale.detach().float().exp()

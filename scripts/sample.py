@@ -4,7 +4,8 @@
     python scripts/sample.py <run dir> --baseline        # also the base model, same seeds, for comparison
 
 The base model is the run's own model config (from <run>/.hydra/config.yaml) unless --model-path
-is given. The trained weights are <run>/final (LoRA in diffusers format, or a full UNet).
+is given. The trained weights are <run>/final (LoRA in diffusers format, or a full UNet), or those of
+a checkpoint when its directory (<run>/checkpoints/checkpoint_<epoch>) is given instead.
 Rows are prompts (base, then trained, with --baseline), columns are seeds.
 """
 
@@ -15,29 +16,66 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# the model loaders a run's config may name; anything else is refused (a config is data, not code)
+KNOWN_LOADERS = {
+    "ddpo.models.load_stable_diffusion": ("path", "revision", "variant"),
+    "ddpo.models.tiny_model": ("path", "seed", "resolution"),
+    "ddpo.models.sd15_architecture": ("seed", "resolution"),
+}
+
+
+def fail(message: str):
+    raise SystemExit(f"error: {message}")
+
+
+def locate(path: str) -> tuple[str, str]:
+    """(run directory, directory of the trained weights) from a run or a checkpoint directory."""
+    from ddpo.trainer import STATE_FILE
+
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        fail(f"{path}: no such directory (give a run directory or one of its checkpoints/checkpoint_* directories)")
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return os.path.dirname(os.path.dirname(path)), path  # <run>/checkpoints/checkpoint_<epoch>
+    return path, os.path.join(path, "final")
+
+
 def load_base(run_dir: str, model_path: str | None):
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from ddpo.models import load_stable_diffusion
+    from ddpo import models
 
-    cfg = OmegaConf.load(os.path.join(run_dir, ".hydra", "config.yaml"))
+    config_file = os.path.join(run_dir, ".hydra", "config.yaml")
+    if not os.path.isfile(config_file):
+        fail(f"{config_file} not found: {run_dir} is not a run directory of train.py")
+    try:
+        cfg = OmegaConf.load(config_file)
+        model = OmegaConf.to_container(cfg.model, resolve=False)
+    except Exception as exc:
+        fail(f"cannot read {config_file} ({type(exc).__name__}: {exc})")
     if model_path:
-        return load_stable_diffusion(model_path), cfg
-    return instantiate(cfg.model), cfg
+        return models.load_stable_diffusion(model_path), cfg
+    target = model.get("_target_")
+    if target not in KNOWN_LOADERS:
+        fail(f"{config_file}: model._target_={target!r} is not one of this project's model loaders "
+             f"({', '.join(KNOWN_LOADERS)}); give the base model with --model-path")
+    kwargs = {key: model[key] for key in KNOWN_LOADERS[target] if key in model}
+    bad = [key for key, value in kwargs.items() if not isinstance(value, (str, int, float, type(None)))]
+    if bad:
+        fail(f"{config_file}: model.{bad[0]} must be a plain value; give the base model with --model-path")
+    return getattr(models, target.rsplit(".", 1)[1])(**kwargs), cfg
 
 
-def apply_trained(pipe, run_dir: str) -> str:
+def apply_trained(pipe, weights_dir: str) -> str:
     from diffusers import UNet2DConditionModel
 
-    final = os.path.join(run_dir, "final")
-    if os.path.isfile(os.path.join(final, "pytorch_lora_weights.safetensors")):
-        pipe.load_lora_weights(final)
+    if os.path.isfile(os.path.join(weights_dir, "pytorch_lora_weights.safetensors")):
+        pipe.load_lora_weights(weights_dir)
         return "LoRA"
-    if os.path.isdir(os.path.join(final, "unet")):
-        pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(final, "unet"))
+    if os.path.isdir(os.path.join(weights_dir, "unet")):
+        pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(weights_dir, "unet"))
         return "full UNet"
-    raise SystemExit(f"error: no trained weights in {final} (has the run finished?)")
+    fail(f"no trained weights in {weights_dir} (has the run finished? a checkpoint directory works too)")
 
 
 def sample_rows(pipe, prompts, seeds, cfg, device):
@@ -65,7 +103,7 @@ def sample_rows(pipe, prompts, seeds, cfg, device):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a finished run's output directory")
+    parser.add_argument("run_dir", help="a finished run's output directory, or one of its checkpoint directories")
     parser.add_argument("--prompts", nargs="+", default=["a cat", "a dog", "a horse"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--model-path", help="base model (hub id or directory) instead of the run's own")
@@ -78,7 +116,8 @@ def main(argv=None) -> None:
 
     from ddpo.logging import image_grid
 
-    pipe, cfg = load_base(args.run_dir, args.model_path)
+    run_dir, weights_dir = locate(args.run_dir)
+    pipe, cfg = load_base(run_dir, args.model_path)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
@@ -87,15 +126,15 @@ def main(argv=None) -> None:
         for prompt, row in zip(args.prompts, sample_rows(pipe, args.prompts, args.seeds, cfg, args.device)):
             images += row
             captions += [f"base | {prompt} | seed {s}" for s in args.seeds]
-    kind = apply_trained(pipe, args.run_dir)
+    kind = apply_trained(pipe, weights_dir)
     pipe.to(args.device)
     for prompt, row in zip(args.prompts, sample_rows(pipe, args.prompts, args.seeds, cfg, args.device)):
         images += row
         captions += [f"trained | {prompt} | seed {s}" for s in args.seeds]
-    out = args.out or os.path.join(args.run_dir, "samples.png")
+    out = args.out or os.path.join(run_dir, "samples.png")
     grid = image_grid(images, captions, tile=min(256, cfg.model.resolution * 4), columns=len(args.seeds))
     grid.save(out)
-    print(f"{len(images)} images ({kind} from {args.run_dir}/final) -> {out}")
+    print(f"{len(images)} images ({kind} from {weights_dir}) -> {out}")
 
 
 def _cuda() -> bool:

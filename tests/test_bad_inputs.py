@@ -26,15 +26,32 @@ CASES = {
     "unknown_model": (["model=nope"], ["model/nope", "tiny"]),
     "unknown_logger": (["logger=nope"], ["logger/nope", "tensorboard"]),
     "unknown_key": (["foo=1"], ["foo"]),
+    "unknown_experiment": (["experiment=tiny_compresibility"], ["experiment/tiny_compresibility",
+                                                                "tiny_compressibility"]),
     "wrong_type": (["sample.batch_size=abc"], ["sample.batch_size", "abc"]),
     "wrong_enum": (["mixed_precision=fp32"], ["mixed_precision", "fp32"]),
     # values the schema accepts but a run cannot use: checked before anything heavy is loaded
     "non_dividing_train_batch": (["train.batch_size=3"], ["train.batch_size=3", "divide"]),
     "non_dividing_accumulation": (["train.gradient_accumulation_steps=3"], ["train.gradient_accumulation_steps=3"]),
     "eta_zero": (["sample.eta=0"], ["sample.eta", "> 0"]),
+    "guidance_below_one": (["sample.guidance_scale=0.5"], ["sample.guidance_scale", ">= 1", "0.5"]),
+    "added_unknown_key": (["+no_such_key=1"], ["no_such_key"]),
+    # NaN passes every "x <= 0" check: non-finite numbers are refused by name
+    "eta_nan": (["sample.eta=nan"], ["sample.eta", "finite", "nan"]),
+    "guidance_nan": (["sample.guidance_scale=nan"], ["sample.guidance_scale", "finite"]),
+    "adv_clip_nan": (["train.adv_clip_max=nan"], ["train.adv_clip_max", "finite"]),
+    "learning_rate_inf": (["train.learning_rate=inf"], ["train.learning_rate", "finite", "inf"]),
+    "launcher_without_multirun": (["launcher=slurm"], ["launcher=slurm", "-m"]),
     "timestep_fraction_zero": (["train.timestep_fraction=0"], ["train.timestep_fraction", "(0, 1]"]),
     "timestep_fraction_above_one": (["train.timestep_fraction=1.5"], ["train.timestep_fraction", "1.5"]),
     "negative_epochs": (["num_epochs=-1"], ["num_epochs", "-1"]),
+    "negative_seed": (["seed=-1"], ["seed", "-1"]),
+    "seed_too_large": ([f"seed={2**70}"], ["seed", str(2**70)]),
+    "negative_grace": (["preemption_grace_s=-1"], ["preemption_grace_s", "-1"]),
+    "too_many_steps": (["sample.num_steps=100000"], ["sample.num_steps=100000", "1000"]),
+    "resolution_zero": (["model.resolution=0"], ["model.resolution", "0"]),
+    "resolution_negative": (["model.resolution=-64"], ["model.resolution", "-64"]),
+    "resolution_not_multiple": (["model.resolution=65"], ["model.resolution", "65"]),
     # prompt files
     "prompt_path_not_set": (["prompt=from_file"], ["prompt.path"]),
     "prompt_file_missing": (["prompt=from_file", "prompt.path={tmp}/missing.txt"], ["prompt.path", "missing.txt"]),
@@ -46,6 +63,9 @@ CASES = {
     # rewards that misbehave during the first epoch
     "reward_nan": ([BAD_REWARD + "NaNReward"], ["reward", "NaN"]),
     "reward_wrong_count": ([BAD_REWARD + "WrongCountReward"], ["reward", "returned 1 values for 2 images"]),
+    "reward_strings": ([BAD_REWARD + "StringReward"], ["reward", "not numbers"]),
+    "image_hook_raises": (["logger.image_hook._target_=tests.fixtures.hooks.failing_hook"],
+                          ["tests.fixtures.hooks.failing_hook", "epoch 0", "fails on purpose", "checkpoint"]),
     "reward_raises": ([BAD_REWARD + "RaisingReward"], ["reward", "RuntimeError", "scorer exploded on purpose"]),
 }
 
@@ -91,6 +111,56 @@ def test_bad_input_stops_with_a_short_message(case, cli_runs):
     assert stderr_lines[-1].startswith("error: "), f"{case}: {stderr_lines[-1]!r}"
     # the hub's reason for an uncached model is quoted (up to 200 characters), hence MAX_LINE there
     assert len(stderr_lines[-1]) < (MAX_LINE if case == "model_not_cached_offline" else 300), stderr_lines[-1]
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    assert not metrics.exists() or not metrics.read_text().strip(), f"{case}: an epoch was recorded"
+    # the run's log keeps the reason too (a failed run never leaves an empty train.log)
+    assert stderr_lines[-1] in (tmp_path / "run" / "train.log").read_text(), f"{case}: train.log lacks the error"
+    if case == "image_hook_raises":  # the hook runs after the epoch: that epoch is recorded and checkpointed
+        assert (tmp_path / "run" / "checkpoints" / "checkpoint_00001").is_dir()
+        return
+    # a run that fails before its first epoch leaves no metrics file behind
+    assert not (tmp_path / "run" / "metrics.jsonl").exists(), f"{case}: metrics.jsonl was written"
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_unreachable_hub_fails_in_one_line_without_retries(tmp_path):
+    """No HF_HUB_OFFLINE and no network: one probe, then the local cache only (no minute of retries)."""
+    from tests.scale_out import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connections are refused
+    env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": closed, "HF_HOME": str(tmp_path / "hf"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = run_cli(tmp_path / "run", [*ONE_EPOCH, "reward=aesthetic", f"reward.head_url={closed}/head.pth"], env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "Hugging Face Hub is not reachable" in output, output[-3000:]
+    assert "thrown while requesting" not in output, "huggingface_hub retried the unreachable Hub"
+    assert result.stderr.strip().splitlines()[-1].startswith("error: LAION aesthetic head"), result.stderr[-3000:]
+
+
+def test_unreachable_names_the_host_and_passes_a_listening_one():
+    import socket
+
+    from ddpo.network import unreachable
+    from tests.scale_out import free_port
+
+    assert "127.0.0.1" in unreachable(f"http://127.0.0.1:{free_port()}/x")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert unreachable(f"http://127.0.0.1:{server.getsockname()[1]}/x") is None
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        cmd = [sys.executable, str(ROOT / "train.py"), *(["-m"] if key == "hydra.sweep.dir" else []), *ONE_EPOCH,
+               f"{key}={blocker}/run"]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert lines == [f"error: {key}={blocker}/run cannot be used as the output directory (Not a directory)"]

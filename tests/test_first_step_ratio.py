@@ -7,7 +7,7 @@ import torch
 
 from ddpo.config import build
 from ddpo.stat_tracking import PerPromptStatTracker
-from ddpo.trainer import compute_advantages, derived_seed, ppo_loss, sample_epoch, transition_rows
+from ddpo.trainer import compute_advantages, ppo_loss, sample_epoch, shuffle_seed, transition_rows
 from tests.conftest import TINY, compose, read_metrics, run_in_process
 
 
@@ -17,7 +17,7 @@ def first_step_losses(tmp_path, overrides):
     with ThreadPoolExecutor(max_workers=1) as executor:
         samples = sample_epoch(comps, run, 0, executor)
     tracker = PerPromptStatTracker(run.per_prompt_stat_tracking.buffer_size, run.per_prompt_stat_tracking.min_count)
-    advantages, _, _ = compute_advantages(comps, run, samples, tracker)
+    advantages, *_ = compute_advantages(comps, run, samples, tracker)
 
     accelerator, pipeline, t = comps.accelerator, comps.pipeline, run.train
     model = accelerator.prepare(pipeline.trainable_module())
@@ -27,7 +27,7 @@ def first_step_losses(tmp_path, overrides):
     batch = samples.batch
     n, num_steps = batch.log_probs.shape
     trained = comps.plan.trained_timesteps
-    generator = torch.Generator().manual_seed(derived_seed(run.seed, 0, accelerator.process_index, 3))
+    generator = torch.Generator().manual_seed(shuffle_seed(run.seed, 0, accelerator.process_index))
     order = torch.randperm(n, generator=generator)
     step_order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(n)])[:, :trained]
     rows = order[: t.batch_size]

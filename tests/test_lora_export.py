@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -35,9 +36,11 @@ def lora_params(unet):
     return found
 
 
-def test_lora_export_loads_with_load_lora_weights(tmp_path):
+@pytest.mark.parametrize("where", ["final", "checkpoints/checkpoint_00001"])
+def test_lora_export_loads_with_load_lora_weights(tmp_path, where):
+    """``final/`` and every checkpoint load with load_lora_weights and reproduce the trained policy."""
     _, comps = run_in_process(tmp_path, FAST + ["use_lora=true"])
-    final = tmp_path / "final"
+    final = tmp_path / where
     assert (final / "pytorch_lora_weights.safetensors").is_file()
 
     trained_unet = comps.pipeline.unet
@@ -61,10 +64,13 @@ def test_lora_export_loads_with_load_lora_weights(tmp_path):
     torch.testing.assert_close(with_lora, unet_output(trained_unet), rtol=1e-5, atol=1e-5)
 
 
-def test_full_finetune_export_loads_with_from_pretrained(tmp_path):
+@pytest.mark.parametrize("where", ["final", "checkpoints/checkpoint_00001"])
+def test_full_finetune_export_loads_with_from_pretrained(tmp_path, where):
     _, comps = run_in_process(tmp_path, FAST + ["use_lora=false"])
-    unet_dir = tmp_path / "final" / "unet"
+    unet_dir = tmp_path / where / "unet"
     assert os.path.isdir(unet_dir)
+    # a full fine-tuning checkpoint holds the UNet once: its export is exactly the trained tensors
+    assert not (tmp_path / where / "trained_weights.safetensors").exists()
     loaded = UNet2DConditionModel.from_pretrained(str(unet_dir))
 
     trained = dict(comps.pipeline.unet.named_parameters())

@@ -2,10 +2,14 @@
 
 Samples are drawn by their index in the epoch (ddpo/trainer.py: sample k of process p is sample
 p * n + k), so 2 processes x 1 batch of 2 see exactly the prompts and noise of 1 process x 2 batches
-of 2. With one optimizer step per epoch (the whole epoch in one training batch) the averaged
-gradient is the same too, so the rewards match exactly and the trained weights to float tolerance,
-which fails if rewards, advantages or gradients are not synchronised across processes. Both ways of
-starting 2 processes are run: ``accelerate launch`` (CPU forced) and a 2-task submitit job.
+of 2. Epoch 0 is the same arithmetic in both runs (same weights, same per-sample batches of 2), so
+its rewards match exactly. With one optimizer step per epoch the averaged gradient of the two
+half-batches equals the full-batch gradient up to float reassociation (last bits), so later epochs
+and the trained weights match to float tolerance; a process that trained on its own half of the
+samples (rewards, advantages or gradients not synchronised) would differ by about the whole update.
+The reward is smooth in the pixels (mean brightness), so float-level weight differences stay
+float-level reward differences (a JPEG size can jump by a byte). Both ways of starting 2 processes are
+run: ``accelerate launch`` (CPU forced) and a 2-task submitit job.
 """
 
 import subprocess
@@ -21,7 +25,8 @@ from tests.scale_out import epochs, failure_report, free_port, multirun, subproc
 # full fine-tuning (its starting weights are fixed by the tiny model's seed), no per-prompt tracking
 # (so every sample counts), one optimizer step per epoch, a checkpoint after every epoch
 COMMON = ["model=tiny", "logger=none", "mixed_precision=no", "use_lora=false", "sample.num_steps=3",
-          "sample.batch_size=2", "num_epochs=2", "save_freq=1", "per_prompt_stat_tracking.enabled=false"]
+          "sample.batch_size=2", "num_epochs=2", "save_freq=1", "per_prompt_stat_tracking.enabled=false",
+          "reward._target_=tests.fixtures.smooth_rewards.MeanBrightness"]
 ONE_PROCESS = [*COMMON, "sample.num_batches_per_epoch=2", "train.batch_size=4"]
 PER_PROCESS_OF_TWO = [*COMMON, "sample.num_batches_per_epoch=1", "train.batch_size=2"]
 # the same number of threads in every process makes the float arithmetic the same
@@ -66,7 +71,10 @@ def assert_same_run(two_dir, one_dir, initial):
         assert two["num_samples"] == one["num_samples"] == 4
         assert two["global_step"] == one["global_step"]
         for key in ("reward_mean", "reward_std"):
-            assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-7), key
+            if one["epoch"] == 0:  # identical arithmetic: identical numbers
+                assert two[key] == one[key], key
+            else:  # weights equal to float32 rounding (~1e-7 relative): brightness equal to ~1e-6
+                assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
     one_weights, two_weights = unet_weights(one_dir), unet_weights(two_dir)
     update = distance(one_weights, initial)
     assert update > 0

@@ -164,3 +164,24 @@ def test_yaml_instantiates(name, cls, n, tmp_path):
 def test_conf_prompt_dir_complete():
     names = {p.stem for p in PROMPT_CONF_DIR.glob("*.yaml")}
     assert {"animals", "imagenet_animals", "nouns_activities", "from_file"} <= names
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\x1b", "\x7f"])
+def test_from_file_rejects_control_characters_naming_the_line(tmp_path, bad):
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"a cat\na dog{bad}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"line 2: control character"):
+        FilePrompts(path)
+
+
+def test_per_prompt_stats_group_prompts_with_trailing_nuls():
+    """numpy compares strings without their trailing NULs: such prompts once got uninitialised advantages."""
+    import numpy as np
+
+    from ddpo.stat_tracking import PerPromptStatTracker
+
+    tracker = PerPromptStatTracker(buffer_size=16, min_count=2)
+    advantages = tracker.update(["a\x00", "a\x00", "a", "a"], np.array([1.0, 3.0, 10.0, 30.0]))
+    assert np.isfinite(advantages).all()
+    np.testing.assert_allclose(advantages, [-1, 1, -1, 1], atol=1e-5)
+    assert sorted(tracker.buffers) == ["a", "a\x00"]

@@ -57,10 +57,12 @@ def half_run(tmp_path_factory, offline_env):
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, str]]:
-    """relative path -> (mtime_ns, sha256) of every file under ``directory``."""
+    """relative path -> (mtime_ns, sha256) of every file under ``directory`` (but the run's lock file)."""
     found = {}
     for root, _, files in os.walk(directory):
         for name in files:
+            if name == ".lock":
+                continue
             path = os.path.join(root, name)
             with open(path, "rb") as handle:
                 found[os.path.relpath(path, directory)] = (os.stat(path).st_mtime_ns,
@@ -86,7 +88,7 @@ def test_checkpoints_total_limit_keeps_newest(reference):
     names = sorted(os.listdir(reference / "checkpoints"))
     assert names == [f"checkpoint_{N - 1:05d}", f"checkpoint_{N:05d}"]  # save_freq=1, limit 2
     states = [json.loads((reference / "checkpoints" / n / "ddpo_state.json").read_text()) for n in names]
-    assert states == [{"epochs_completed": 3, "global_step": 6}, {"epochs_completed": 4, "global_step": 8}]
+    assert [(s["epochs_completed"], s["global_step"]) for s in states] == [(3, 6), (4, 8)]
 
 
 def test_more_epochs_continue_the_same_run(reference, half_run, tmp_path):
@@ -102,9 +104,9 @@ def test_more_epochs_continue_the_same_run(reference, half_run, tmp_path):
     assert steps == sorted(steps) and len(set(steps)) == N
     assert_same_epochs(records, read_metrics(reference))
     # the tracker buffers were restored: the last checkpoints hold the same buffers as the reference's
-    ours = torch.load(run_dir / "checkpoints" / f"checkpoint_{N:05d}" / "custom_checkpoint_0.pkl", weights_only=False)
-    ref = torch.load(reference / "checkpoints" / f"checkpoint_{N:05d}" / "custom_checkpoint_0.pkl", weights_only=False)
-    assert ours == ref
+    ours = json.loads((run_dir / "checkpoints" / f"checkpoint_{N:05d}" / "ddpo_state.json").read_text())
+    ref = json.loads((reference / "checkpoints" / f"checkpoint_{N:05d}" / "ddpo_state.json").read_text())
+    assert ours == ref and ours["stat_tracker"]["buffers"]
 
 
 def test_killed_after_a_checkpoint_resumes_without_gaps(reference, tmp_path, monkeypatch):
@@ -117,7 +119,7 @@ def test_killed_after_a_checkpoint_resumes_without_gaps(reference, tmp_path, mon
         run_in_process(run_dir, killed)
     assert [r["epoch"] for r in read_metrics(run_dir)] == [0, 1, 2]
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["checkpoint_00002"]
-    saved = torch.load(run_dir / "checkpoints" / "checkpoint_00002" / "custom_checkpoint_0.pkl", weights_only=False)
+    saved = json.loads((run_dir / "checkpoints" / "checkpoint_00002" / "ddpo_state.json").read_text())
     assert saved["epochs_completed"] == 2 and saved["global_step"] == 4
     assert saved["stat_tracker"]["buffers"], "the checkpoint holds no reward buffers"
 
@@ -168,3 +170,21 @@ def test_resume_from_another_run_directory(reference, half_run, tmp_path):
     assert_same_epochs(records, read_metrics(reference))
     assert snapshot(half_run) == before, "resume_from modified the run it started from"
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["checkpoint_00003", "checkpoint_00004"]
+
+
+def test_full_finetuning_resumes_from_its_diffusers_checkpoint(tmp_path):
+    """Full fine-tuning checkpoints hold only ``unet/`` (diffusers format); resuming from it is exact."""
+    full = [*RUN, "use_lora=false"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    run_in_process(whole, [*full, "num_epochs=2"])
+    run_in_process(stopped, [*full, "num_epochs=1"])
+    assert (stopped / "checkpoints" / "checkpoint_00001" / "unet").is_dir()
+    assert not (stopped / "checkpoints" / "checkpoint_00001" / "trained_weights.safetensors").exists()
+    run_in_process(stopped, [*full, "num_epochs=2"])
+    assert_same_epochs(read_metrics(stopped), read_metrics(whole))
+    from safetensors.torch import load_file
+
+    name = "final/unet/diffusion_pytorch_model.safetensors"
+    ours, ref = load_file(stopped / name), load_file(whole / name)
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0, msg=key)

@@ -286,6 +286,7 @@ def test_head_download_is_verified_before_it_enters_the_cache(tmp_path, monkeypa
 
     monkeypatch.setattr(rewards.download, "fetch_url", truncated_download)
     monkeypatch.setattr(rewards.download, "hub_file", hub_copy)
+    monkeypatch.setattr(rewards.download, "unreachable", lambda url: None)  # as if the host answered
     path = resolve_head_path(None, cache_dir=tmp_path / "cache")
     assert len(calls) == 2  # the truncated URL download was refused, the Hub copy accepted
     assert path == tmp_path / "cache" / HEAD_NAME
@@ -305,6 +306,7 @@ def test_aesthetic_offline_without_head_names_the_file_and_key(tmp_path, monkeyp
 
     monkeypatch.setattr(rewards.download, "fetch_url", unreachable)
     monkeypatch.setattr(rewards.download, "hub_file", unreachable)
+    monkeypatch.setattr(rewards.download, "unreachable", lambda url: None)  # the probe passes; the fetch fails
     for offline in ("1", ""):
         monkeypatch.setenv("HF_HUB_OFFLINE", offline)
         with pytest.raises(ConfigError) as error:
@@ -573,3 +575,27 @@ def test_importing_rewards_imports_no_model_library():
     )
     assert result.stdout.strip() == "[]"
 
+
+
+def test_reward_models_score_in_fp32_whatever_the_mixed_precision(tmp_path, reward_random_head):
+    """The run's mixed precision casts the diffusion model, not the reward: bf16 runs score like fp32 runs."""
+    from ddpo.config import build
+    from tests.conftest import TINY, compose
+
+    images = _smooth_images(3, 64, 64)
+    scores = {}
+    for precision in ("no", "bf16"):
+        cfg = compose([*TINY, f"mixed_precision={precision}", "reward=aesthetic", "reward.clip_model=tiny-test",
+                       "reward.clip_pretrained=null", f"reward.head_path='{reward_random_head}'",
+                       "reward.head_sha256=null"])
+        torch.manual_seed(0)  # the tiny CLIP's random weights
+        _, components = build(cfg, str(tmp_path / precision))
+        assert components.reward_fn.dtype == torch.float32
+        scores[precision] = components.reward_fn(images, PROMPTS, METADATA)[0]
+    torch.testing.assert_close(scores["bf16"], scores["no"], rtol=0, atol=0)
+
+    # a reward can still be asked to score in bf16 (reward.dtype)
+    cfg = _compose_reward("aesthetic", "reward.clip_model=tiny-test", "reward.clip_pretrained=null",
+                          f"reward.head_path='{reward_random_head}'", "reward.head_sha256=null", "reward.dtype=bf16")
+    reward = _instantiate(cfg).to("cpu")
+    assert reward.dtype == torch.bfloat16 and next(reward.clip.parameters()).dtype == torch.bfloat16

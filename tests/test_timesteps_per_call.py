@@ -25,7 +25,7 @@ def sampled(tmp_path_factory):
     run, comps = build_run(tmp_path_factory.mktemp("sample"))
     with ThreadPoolExecutor(max_workers=1) as executor:
         samples = sample_epoch(comps, run, 0, executor)
-    advantages, _, _ = compute_advantages(comps, run, samples, None)
+    advantages, *_ = compute_advantages(comps, run, samples, None)
     assert advantages.abs().max() > 0
     return samples.batch, advantages
 

@@ -22,6 +22,10 @@ def load_stable_diffusion(path: str, revision: str | None = None, variant: str |
                           "saved with save_pretrained; without network access, model=tiny)")
     from diffusers import StableDiffusionPipeline
 
+    from ddpo.network import work_offline_unless_hub_reachable
+
+    if not local:
+        work_offline_unless_hub_reachable()
     source = os.path.abspath(os.path.expanduser(path)) if local else path
     try:
         return StableDiffusionPipeline.from_pretrained(

@@ -12,6 +12,7 @@ Built so that DDPO's learning is visible within minutes on a CPU:
 
 import torch
 
+from ddpo.errors import ConfigError
 from ddpo.models.tokenizer import build_clip_tokenizer
 
 
@@ -29,8 +30,8 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32)
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if resolution % 8:
-        raise ValueError(f"tiny model resolution must be a multiple of 8, got {resolution}")
+    if resolution <= 0 or resolution % 8:
+        raise ConfigError(f"model.resolution must be a positive multiple of 8 for the tiny model (got {resolution})")
     latent_size = resolution // 4
 
     def build():

@@ -4,10 +4,13 @@ A new model family (SDXL, SD3, ...) is a new subclass of ``DDPOPipeline`` plus a
 ``conf/pipeline/``; the loop does not change.
 """
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 
 import torch
+
+TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # the trained tensors under their own names
 
 
 @dataclass
@@ -73,6 +76,11 @@ class DDPOPipeline(ABC):
         applied exactly as in sampling.
         """
 
+    @property
+    def max_num_steps(self) -> int | None:
+        """The most denoising steps the scheduler can take (None: no limit)."""
+        return None
+
     @abstractmethod
     def trainable_module(self) -> torch.nn.Module:
         """The module whose parameters are trained (handed to accelerate.prepare)."""
@@ -103,5 +111,40 @@ class DDPOPipeline(ABC):
                 params[name].copy_(value)
 
     @abstractmethod
-    def save_final(self, directory: str) -> list[str]:
-        """Write the trained weights in the model family's usual format; return the files."""
+    def export(self, directory: str) -> list[str]:
+        """Write the trained weights in the model family's diffusers format; return the files.
+
+        What ``final/`` and every checkpoint hold: ``pipe.load_lora_weights(directory)`` (LoRA) or
+        ``from_pretrained`` (full fine-tuning) loads it.
+        """
+
+    def read_export(self, directory: str) -> dict[str, torch.Tensor]:
+        """The trained tensors by name, read back from an ``export`` (when ``export_is_exact``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read its export back")
+
+    @property
+    def export_is_exact(self) -> bool:
+        """Whether ``export`` holds exactly the trained tensors under recoverable names (full fine-tuning).
+
+        When it does not (LoRA: diffusers renames the adapter's keys), checkpoints also keep the
+        trained tensors by their own names.
+        """
+        return False
+
+    def save_trained(self, directory: str) -> list[str]:
+        """A checkpoint's weights: the diffusers export, plus the exact trained tensors if it is not exact."""
+        from safetensors.torch import save_file
+
+        files = self.export(directory)
+        if not self.export_is_exact:
+            path = os.path.join(directory, TRAINED_WEIGHTS_FILE)
+            save_file({k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()}, path)
+            files.append(path)
+        return files
+
+    def load_trained(self, directory: str) -> None:
+        """Load what ``save_trained`` wrote (or a checkpoint of an older version, which always has the file)."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, TRAINED_WEIGHTS_FILE)
+        self.load_trained_state_dict(load_file(path) if os.path.isfile(path) else self.read_export(directory))

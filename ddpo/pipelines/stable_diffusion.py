@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from ddpo.errors import ConfigError
 from ddpo.pipelines.base import DDPOPipeline, SampleBatch
 from ddpo.schedulers.ddim import ddim_step_with_logprob, draw_noise
 
@@ -44,9 +45,10 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         self.device = torch.device(device)
         self.use_lora = use_lora
         self.dtype = _DTYPES[mixed_precision]
+        if resolution is not None and (resolution <= 0 or resolution % self.vae_scale_factor):
+            raise ConfigError(f"model.resolution must be a positive multiple of the VAE's downsampling factor "
+                              f"{self.vae_scale_factor} (got {resolution})")
         self.resolution = resolution or self.unet.config.sample_size * self.vae_scale_factor
-        if self.resolution % self.vae_scale_factor:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of {self.vae_scale_factor}")
 
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)
@@ -83,6 +85,10 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def max_num_steps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
 
     def trainable_module(self) -> torch.nn.Module:
         return self.unet
@@ -149,7 +155,7 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         trajectory, log_probs = [latents], []
         for t in timesteps:
             t_batch = t.expand(batch)
-            output = self._guided_output(latents, t_batch, prompt_embeds, guidance_scale, cfg=guidance_scale != 1.0)
+            output = self._guided_output(latents, t_batch, prompt_embeds, guidance_scale, cfg=guidance_scale > 1.0)
             latents, log_prob = ddim_step_with_logprob(
                 self.scheduler, output, t_batch, latents, eta=eta, generator=generator
             )
@@ -174,14 +180,27 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
     def log_prob(self, latents, next_latents, timesteps, prompt_embeds, *, num_steps, guidance_scale, eta, cfg=True):
         if self.scheduler.num_inference_steps != num_steps:
             self.scheduler.set_timesteps(num_steps, device=self.device)
-        output = self._guided_output(latents, timesteps, prompt_embeds, guidance_scale, cfg=cfg)
+        # guided exactly when sampling was (a scale of 1 means no guidance, as in diffusers)
+        output = self._guided_output(latents, timesteps, prompt_embeds, guidance_scale, cfg=cfg and guidance_scale > 1.0)
         _, log_prob = ddim_step_with_logprob(
             self.scheduler, output, timesteps, latents, eta=eta, prev_sample=next_latents
         )
         return log_prob
 
     # -- export ------------------------------------------------------------------------------
-    def save_final(self, directory: str) -> list[str]:
+    @property
+    def export_is_exact(self) -> bool:
+        return not self.use_lora  # the full UNet saved by save_pretrained: parameters under their own names
+
+    def read_export(self, directory: str) -> dict[str, torch.Tensor]:
+        from diffusers import UNet2DConditionModel
+
+        if self.use_lora:
+            return super().read_export(directory)
+        loaded = UNet2DConditionModel.from_pretrained(os.path.join(directory, "unet"), torch_dtype=torch.float32)
+        return {name: p.detach() for name, p in loaded.named_parameters()}
+
+    def export(self, directory: str) -> list[str]:
         os.makedirs(directory, exist_ok=True)
         if self.use_lora:
             from diffusers import StableDiffusionPipeline

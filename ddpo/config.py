@@ -81,6 +81,7 @@ class RunConfig:
 class Config(RunConfig):
     model: Any = MISSING
     pipeline: Any = MISSING
+    algorithm: Any = MISSING
     reward: Any = MISSING
     prompt: Any = MISSING
     logger: Any = MISSING
@@ -152,10 +153,6 @@ def plan_batches(run: RunConfig, world_size: int = 1) -> BatchPlan:
     positive("lora_rank", run.lora_rank)
     if run.checkpoints_total_limit is not None:
         positive("checkpoints_total_limit", run.checkpoints_total_limit)
-    if s.eta <= 0:
-        raise ConfigError(
-            f"sample.eta must be > 0 (got {s.eta}): DDPO needs a stochastic DDIM step to have log probabilities"
-        )
     if not s.guidance_scale >= 1:
         raise ConfigError(
             f"sample.guidance_scale must be >= 1 (got {s.guidance_scale}): 1 disables classifier-free guidance, "
@@ -195,7 +192,7 @@ def plan_batches(run: RunConfig, world_size: int = 1) -> BatchPlan:
 def run_config(cfg: DictConfig) -> RunConfig:
     """The typed, plain-Python part of the config that the loop reads."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for group in ("model", "pipeline", "reward", "prompt", "logger"):
+    for group in ("model", "pipeline", "algorithm", "reward", "prompt", "logger"):
         data.pop(group, None)
     data.pop("experiment", None)
     try:
@@ -273,6 +270,8 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
 
     accelerator, run_dir = _make_accelerator(run, run_dir, backend)
     plan = plan_batches(run, accelerator.num_processes)
+    algorithm = _instantiate(cfg.algorithm, "the algorithm (algorithm=...)")
+    algorithm.check_plan(plan.samples_per_epoch)
     torch.backends.cuda.matmul.allow_tf32 = run.allow_tf32
     torch.backends.cudnn.allow_tf32 = run.allow_tf32
     run_lock = None
@@ -330,6 +329,7 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     return run, Components(
         accelerator=accelerator,
         pipeline=pipeline,
+        algorithm=algorithm,
         reward_fn=reward_fn,
         reward_name=f"{reward_name} ({type(reward_fn).__name__})",
         prompt_fn=prompt_fn,

@@ -6,7 +6,6 @@ reads a ``RunConfig`` (plain dataclasses) and the components built by ``ddpo.con
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -26,9 +25,10 @@ from tqdm.auto import tqdm
 
 from ddpo.errors import DDPOError, Interrupted
 from ddpo.logging import MetricsFile, RunTracker, log_to_files, plot_reward_curve
-from ddpo.pipelines.base import DDPOPipeline, SampleBatch
+from ddpo.algorithms import Algorithm
+from ddpo.pipelines.base import DDPOPipeline, Rollout
+from ddpo.seeds import derived_seed, sample_seed, shuffle_seed  # noqa: F401 (re-exported for tools and tests)
 from ddpo.preemption import PreemptionGuard
-from ddpo.stat_tracking import PerPromptStatTracker, global_advantages
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class Components:
 
     accelerator: Any
     pipeline: DDPOPipeline
+    algorithm: Algorithm
     reward_fn: Callable
     reward_name: str
     prompt_fn: Callable
@@ -66,40 +67,20 @@ class TrainingState:
 
     epochs_completed: int = 0
     global_step: int = 0
-    stat_tracker: PerPromptStatTracker | None = None
+    algorithm: Algorithm | None = None  # its state (e.g. DDPO's per-prompt reward buffers) is saved too
 
     def state_dict(self) -> dict:
         return {
             "epochs_completed": self.epochs_completed,
             "global_step": self.global_step,
-            "stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker else None,
+            "algorithm": self.algorithm.state_dict() if self.algorithm is not None else {},
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epochs_completed = int(state["epochs_completed"])
         self.global_step = int(state["global_step"])
-        if self.stat_tracker is not None and state.get("stat_tracker") is not None:
-            self.stat_tracker.load_state_dict(state["stat_tracker"])
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across runs and processes (unlike hash()).
-
-    A cryptographic hash of the parts, so that distinct parts give distinct seeds (no weak mixing:
-    (seed, epoch, index) triples must not collide across the epochs of a run or between runs).
-    """
-    data = b",".join(str(int(part)).encode() for part in parts)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & (2**63 - 1)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of sample ``index`` of ``epoch``: its prompt and its noise derive from it alone."""
-    return derived_seed(seed, epoch, index)
-
-
-def shuffle_seed(seed: int, epoch: int, process_index: int) -> int:
-    """The seed of one process's training shuffle in ``epoch``."""
-    return derived_seed(seed, epoch, process_index, 3)
+        if self.algorithm is not None:
+            self.algorithm.load_state_dict(state.get("algorithm") or {})
 
 
 # -- rewards ------------------------------------------------------------------------------------
@@ -166,7 +147,7 @@ def collect_reward(name: str, future: Future, batch_size: int) -> tuple[torch.Te
 class EpochSamples:
     """This process's samples of one epoch, concatenated over its sampling batches."""
 
-    batch: SampleBatch
+    batch: Rollout
     prompts: list[str]
     metadata: list[dict]
     rewards: torch.Tensor  # (N,)
@@ -180,9 +161,9 @@ class EpochSamples:
 def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecutor) -> EpochSamples:
     """Sample ``num_batches_per_epoch`` batches; each batch's reward runs while the next samples."""
     s = run.sample
-    accelerator, pipeline = comps.accelerator, comps.pipeline
+    accelerator, pipeline, algorithm = comps.accelerator, comps.pipeline, comps.algorithm
     # sample k of process p is sample p * n + k of the epoch (the order gather() returns), and its
-    # prompt and noise come from its own seed: an epoch holds the same samples for any process count
+    # prompt and noise come from seeds of its index: an epoch holds the same samples for any process count
     first = accelerator.process_index * s.batch_size * s.num_batches_per_epoch
     batches, prompts_all, meta_all, futures = [], [], [], []
     pipeline.trainable_module().eval()
@@ -190,16 +171,10 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
     bar = tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch}: sampling", leave=False,
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for i in bar:
-        seeds = [sample_seed(run.seed, epoch, first + i * s.batch_size + j) for j in range(s.batch_size)]
-        prompts, metadata = map(list, zip(*(comps.prompt_fn(random.Random(derived_seed(seed, 1))) for seed in seeds)))
-        generator = [torch.Generator(device=accelerator.device).manual_seed(derived_seed(seed, 2)) for seed in seeds]
-        batch = pipeline.sample(
-            pipeline.encode_prompts(prompts),
-            num_steps=s.num_steps,
-            guidance_scale=s.guidance_scale,
-            eta=s.eta,
-            generator=generator,
-        )
+        seeds = [algorithm.sample_seeds(run.seed, epoch, first + i * s.batch_size + j) for j in range(s.batch_size)]
+        prompts, metadata = map(list, zip(*(comps.prompt_fn(random.Random(prompt_seed)) for prompt_seed, _ in seeds)))
+        generator = [torch.Generator(device=accelerator.device).manual_seed(noise_seed) for _, noise_seed in seeds]
+        batch = pipeline.sample(pipeline.encode_prompts(prompts), generator=generator)
         futures.append(executor.submit(timed_call, comps.reward_fn, batch.images, prompts, metadata))
         batches.append(batch)
         prompts_all.extend(prompts)
@@ -210,18 +185,19 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
     rewards = torch.cat([r for r, _, _ in results])
     info = {key: torch.cat([inf[key] for _, inf, _ in results])
             for key in results[0][1] if all(key in inf for _, inf, _ in results)}
-    merged = SampleBatch(**{k: torch.cat([getattr(b, k) for b in batches]) for k in batches[0].tensors()})
     hook_data = [  # copied to the host only when a hook will read it
         [b.images.float().cpu(), prompts_all[j * s.batch_size:(j + 1) * s.batch_size],
          meta_all[j * s.batch_size:(j + 1) * s.batch_size], r.cpu()]
         for j, (b, (r, _, _)) in enumerate(zip(batches, results))
     ] if comps.image_hook is not None else []
-    return EpochSamples(merged, prompts_all, meta_all, rewards, info, hook_data, sample_s=waited - started,
-                        reward_wait_s=reward_wait_s, reward_s=sum(t for _, _, t in results))
+    return EpochSamples(Rollout.cat(batches), prompts_all, meta_all, rewards, info, hook_data,
+                        sample_s=waited - started, reward_wait_s=reward_wait_s,
+                        reward_s=sum(t for _, _, t in results))
 
 
-def compute_advantages(comps: Components, run, samples: EpochSamples, tracker: PerPromptStatTracker | None):
-    """Gather rewards and prompts from every process, normalise, and return this process's share.
+def compute_advantages(comps: Components, samples: EpochSamples):
+    """Gather rewards and prompts from every process, let the algorithm turn them into advantages,
+    and return this process's share.
 
     Returns (this process's advantages, all rewards, all reward extras, all prompts).
     """
@@ -229,63 +205,26 @@ def compute_advantages(comps: Components, run, samples: EpochSamples, tracker: P
     device = accelerator.device
     all_rewards = accelerator.gather(samples.rewards.to(device)).cpu().numpy()
     all_info = {k: accelerator.gather(v.to(device)).cpu().numpy() for k, v in samples.reward_info.items()}
-    all_prompts = samples.prompts  # every process's, in gather() order: the stat tracker and the logs need them
+    all_prompts = samples.prompts  # every process's, in gather() order: the algorithm and the logs need them
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
         all_prompts = gather_object(samples.prompts)
-    if tracker is not None:
-        advantages = tracker.update(all_prompts, all_rewards)
-    else:
-        advantages = global_advantages(all_rewards)
+    advantages = comps.algorithm.advantages(all_rewards, all_prompts)
     mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
-    mine = np.clip(mine, -run.train.adv_clip_max, run.train.adv_clip_max)
     return torch.as_tensor(mine, dtype=torch.float32, device=device), all_rewards, all_info, all_prompts
 
 
-def ppo_loss(pipeline: DDPOPipeline, run, batch: dict[str, torch.Tensor], advantages: torch.Tensor):
-    """PPO clipped loss on a set of stored transitions (one per row), with diagnostics."""
-    t = run.train
-    log_prob = pipeline.log_prob(
-        batch["latents"], batch["next_latents"], batch["timesteps"], batch["prompt_embeds"],
-        num_steps=run.sample.num_steps, guidance_scale=run.sample.guidance_scale, eta=run.sample.eta, cfg=t.cfg,
-    )
-    ratio = torch.exp(log_prob - batch["log_probs"])
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - t.clip_range, 1.0 + t.clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    with torch.no_grad():
-        stats = {
-            "approx_kl": 0.5 * torch.mean((log_prob - batch["log_probs"]) ** 2),
-            "clipfrac": torch.mean((torch.abs(ratio - 1.0) > t.clip_range).float()),
-            "ratio_dev_max": torch.max(torch.abs(ratio - 1.0)),
-        }
-    return loss, stats
-
-
-def transition_rows(samples: SampleBatch, rows: torch.Tensor, steps: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The transitions (rows[i], steps[i, j]) flattened into one batch of B * k rows."""
-    k = steps.shape[1]
-    pick = lambda x: x[rows[:, None], steps].flatten(0, 1)  # noqa: E731
-    return {
-        "latents": pick(samples.latents),
-        "next_latents": pick(samples.next_latents),
-        "timesteps": pick(samples.timesteps),
-        "log_probs": pick(samples.log_probs),
-        "prompt_embeds": samples.prompt_embeds[rows].repeat_interleave(k, dim=0),
-    }
-
-
-def train_epoch(comps: Components, run, epoch: int, samples: SampleBatch, advantages: torch.Tensor,
+def train_epoch(comps: Components, run, epoch: int, samples: Rollout, advantages: torch.Tensor,
                 optimizer, model, state: TrainingState) -> dict[str, float]:
-    """``num_inner_epochs`` passes of PPO over this process's samples; returns mean diagnostics."""
+    """``num_inner_epochs`` passes of the algorithm's loss over this process's samples; returns mean diagnostics."""
     t, plan = run.train, comps.plan
-    accelerator, pipeline = comps.accelerator, comps.pipeline
+    accelerator, pipeline, algorithm = comps.accelerator, comps.pipeline, comps.algorithm
     device = accelerator.device
     n, num_steps = samples.log_probs.shape
     trained = plan.trained_timesteps
     generator = torch.Generator().manual_seed(shuffle_seed(run.seed, epoch, accelerator.process_index))
-    totals: dict[str, list] = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio_dev_max": [], "grad_norm": []}
+    totals: dict[str, list] = {"loss": [], "grad_norm": []}
     parameters = pipeline.trainable_parameters()
     model.train()
     for inner in range(t.num_inner_epochs):
@@ -299,18 +238,18 @@ def train_epoch(comps: Components, run, epoch: int, samples: SampleBatch, advant
             last_of_step = (b + 1) % t.gradient_accumulation_steps == 0
             for start in range(0, trained, t.timesteps_per_call):
                 steps = step_order[rows, start:start + t.timesteps_per_call]
-                batch = {k: v.to(device) for k, v in transition_rows(samples, rows, steps).items()}
+                batch = {k: v.to(device) for k, v in samples.transitions(rows, steps).items()}
                 adv = batch_advantages.repeat_interleave(steps.shape[1])
                 sync = last_of_step and start + t.timesteps_per_call >= trained
                 # every transition weighs the same in an optimizer step, however they are grouped
                 weight = steps.shape[1] / (trained * t.gradient_accumulation_steps)
                 context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
                 with context:
-                    loss, stats = ppo_loss(pipeline, run, batch, adv)
+                    loss, stats = algorithm.loss(pipeline, batch, adv)
                     accelerator.backward(loss * weight)
                 totals["loss"].append(loss.detach())
                 for key, value in stats.items():
-                    totals[key].append(value)
+                    totals.setdefault(key, []).append(value)
                 if sync:
                     grad_norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm)
                     totals["grad_norm"].append(torch.as_tensor(grad_norm, device=device).float())
@@ -337,19 +276,26 @@ def read_state(checkpoint: str) -> dict:
     return state
 
 
-def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(epochs_completed, path) of every checkpoint under ``run_dir`` with a readable state, oldest first."""
+def list_checkpoints(run_dir: str, damaged: list[str] | None = None) -> list[tuple[int, str]]:
+    """(epochs_completed, path) of every checkpoint under ``run_dir`` with a readable state, oldest first.
+
+    A ``checkpoint_*`` directory whose state is missing or unreadable (a published checkpoint always
+    has one) is damaged: warned about and, if ``damaged`` is given, added to it as "path (why)".
+    """
     root = os.path.join(run_dir, CHECKPOINT_DIR)
     found = []
     if os.path.isdir(root):
         for name in os.listdir(root):
             path = os.path.join(root, name)
-            if name.endswith(".partial") or not os.path.isfile(os.path.join(path, STATE_FILE)):
+            if name.endswith(".partial") or not os.path.isdir(path) or \
+                    not (name.startswith("checkpoint_") or os.path.isfile(os.path.join(path, STATE_FILE))):
                 continue
             try:
                 found.append((int(read_state(path)["epochs_completed"]), path))
             except DDPOError as exc:
                 log.warning("skipping checkpoint %s: %s", path, exc)
+                if damaged is not None:
+                    damaged.append(f"{path} ({exc})")
     return sorted(found)
 
 
@@ -364,8 +310,11 @@ def resume_candidates(path: str) -> list[str]:
     return [p for _, p in reversed(found)]
 
 
-def load_checkpoint(accelerator, state: TrainingState, candidates: list[str]) -> str:
-    """Load the newest checkpoint of ``candidates`` that loads whole; warn about each that does not."""
+def load_checkpoint(accelerator, state: TrainingState, candidates: list[str], damaged: list[str] = ()) -> str:
+    """Load the newest checkpoint of ``candidates`` that loads whole; warn about each that does not.
+
+    If none loads, the error names each of them and each of ``damaged`` ("path (why)", unreadable state).
+    """
     failures = []
     for path in candidates:
         rng_file = os.path.join(path, f"random_states_{accelerator.process_index}.pkl")
@@ -382,11 +331,12 @@ def load_checkpoint(accelerator, state: TrainingState, candidates: list[str]) ->
                         "; trying the previous one" if path != candidates[-1] else "")
             continue
         state.load_state_dict(loop_state)
-        if "stat_tracker" not in loop_state and state.stat_tracker is not None:
-            log.warning("%s holds no per-prompt statistics (an older checkpoint keeps them in a pickle, which is "
-                        "never read): the stat tracker starts empty", os.path.join(path, STATE_FILE))
+        if "algorithm" not in loop_state and state.algorithm is not None and state.algorithm.state_dict():
+            log.warning("%s holds no algorithm state (an older checkpoint keeps the per-prompt statistics in a "
+                        "pickle, which is never read): they start empty", os.path.join(path, STATE_FILE))
         return path
-    raise DDPOError("no checkpoint could be loaded: " + "; ".join(failures))
+    raise DDPOError("no checkpoint could be loaded: " + "; ".join(sorted([*failures, *damaged], reverse=True))
+                    + " (none was deleted)")
 
 
 def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
@@ -510,11 +460,9 @@ def train(comps: Components, run) -> float | None:
     accelerator, pipeline, plan = comps.accelerator, comps.pipeline, comps.plan
     t = run.train
     metrics = MetricsFile(comps.run_dir)
-    tracker = (
-        PerPromptStatTracker(run.per_prompt_stat_tracking.buffer_size, run.per_prompt_stat_tracking.min_count)
-        if run.per_prompt_stat_tracking.enabled else None
-    )
-    state = TrainingState(stat_tracker=tracker)
+    state = TrainingState(algorithm=comps.algorithm)
+    if comps.algorithm.needs_reference:
+        pipeline.keep_reference()  # before training moves the weights
 
     optimizer = torch.optim.AdamW(
         pipeline.trainable_parameters(),
@@ -527,11 +475,12 @@ def train(comps: Components, run) -> float | None:
     pipeline.use_wrapped(model)
     register_weight_hooks(accelerator, pipeline)
 
-    candidates = [p for _, p in reversed(list_checkpoints(comps.run_dir))]
-    if not candidates and run.resume_from:
+    damaged: list[str] = []  # this run's checkpoints with no readable state: never a reason to start afresh
+    candidates = [p for _, p in reversed(list_checkpoints(comps.run_dir, damaged))]
+    if not candidates and not damaged and run.resume_from:
         candidates = resume_candidates(run.resume_from)
-    if candidates:
-        resume = load_checkpoint(accelerator, state, candidates)
+    if candidates or damaged:
+        resume = load_checkpoint(accelerator, state, candidates, damaged)
         log.info("resumed from %s: %d epoch(s) done, global step %d", resume, state.epochs_completed, state.global_step)
     final_dir = os.path.join(comps.run_dir, "final")
     if state.epochs_completed >= run.num_epochs:
@@ -547,7 +496,7 @@ def train(comps: Components, run) -> float | None:
         return records[-1]["reward_mean"] if records else None
     if accelerator.is_main_process:
         metrics.keep_epochs_before(state.epochs_completed)
-    log.info(plan.summary(run))
+    log.info("%s; %s", plan.summary(run), comps.algorithm.describe(plan.samples_per_epoch))
 
     last_reward = None
     executor = reward_executor(accelerator.device)
@@ -560,7 +509,7 @@ def train(comps: Components, run) -> float | None:
         for epoch in range(state.epochs_completed, run.num_epochs):
             started = time.perf_counter()
             samples = sample_epoch(comps, run, epoch, executor)
-            advantages, all_rewards, all_info, all_prompts = compute_advantages(comps, run, samples, tracker)
+            advantages, all_rewards, all_info, all_prompts = compute_advantages(comps, samples)
             train_started = time.perf_counter()
             train_stats = train_epoch(comps, run, epoch, samples.batch, advantages, optimizer, model, state)
             train_s = time.perf_counter() - train_started
@@ -583,8 +532,7 @@ def train(comps: Components, run) -> float | None:
                 "epoch_time_s": elapsed,
                 "samples_per_s": all_rewards.size / elapsed,
             }
-            if tracker is not None:
-                record.update(tracker.stats())
+            record.update(comps.algorithm.stats())
             last_reward = record["reward_mean"]
             hook_error = None
             if accelerator.is_main_process:

@@ -56,10 +56,10 @@ def measure_floor(components, run, repeats: int) -> dict:
     denoiser = pipeline._denoiser
     size = pipeline.resolution // pipeline.vae_scale_factor
     channels = unet.config.in_channels
-    embeds = pipeline.encode_prompts(["a photo of a cat"])
+    embeds = pipeline.encode_prompts(["a photo of a cat"])["prompt_embeds"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    sample_rows = s.batch_size * (2 if s.guidance_scale != 1.0 else 1)
+    sample_rows = s.batch_size * (2 if pipeline.sample_cfg else 1)
     latents = torch.randn(sample_rows, channels, size, size, device=device)
     cond = embeds.expand(sample_rows, -1, -1)
     timestep = torch.full((sample_rows,), 500, device=device, dtype=torch.long)
@@ -69,7 +69,7 @@ def measure_floor(components, run, repeats: int) -> dict:
             denoiser(latents, timestep, cond)
 
     k = min(t.timesteps_per_call, components.plan.trained_timesteps)
-    train_rows = t.batch_size * k * (2 if t.cfg else 1)
+    train_rows = t.batch_size * k * (2 if pipeline.train_cfg else 1)
     train_latents = torch.randn(train_rows, channels, size, size, device=device)
     train_cond = embeds.expand(train_rows, -1, -1)
     train_t = torch.full((train_rows,), 500, device=device, dtype=torch.long)

@@ -136,8 +136,6 @@ def test_plan_batches_rejects_non_dividing_sizes():
         plan_batches(run_config(compose([*PAPER, "train.batch_size=3"])))
     with pytest.raises(ConfigError, match=r"train\.gradient_accumulation_steps=3"):
         plan_batches(run_config(compose([*PAPER, "train.gradient_accumulation_steps=3"])))
-    with pytest.raises(ConfigError, match=r"sample\.eta"):
-        plan_batches(run_config(compose(["sample.eta=0"])))
     for fraction in ("0", "1.5"):
         with pytest.raises(ConfigError, match=r"train\.timestep_fraction"):
             plan_batches(run_config(compose([f"train.timestep_fraction={fraction}"])))
@@ -198,3 +196,12 @@ def test_tiny_run_with_each_logger(logger, tmp_path, monkeypatch):
         assert not events
     else:
         assert not events and not (run_dir / "wandb").exists()
+
+
+def test_the_ddim_pipeline_checks_its_own_eta(tmp_path):
+    """eta > 0 is the DDIM sampler's requirement: its pipeline checks it, not the run schema."""
+    from ddpo.config import build
+
+    plan_batches(run_config(compose(["sample.eta=0"])))  # the schema has no opinion
+    with pytest.raises(ConfigError, match=r"sample\.eta must be > 0"):
+        build(compose(["model=tiny", "logger=none", "sample.eta=0"]), str(tmp_path))

@@ -6,18 +6,16 @@ import pytest
 import torch
 
 from ddpo.config import build
-from ddpo.stat_tracking import PerPromptStatTracker
-from ddpo.trainer import compute_advantages, ppo_loss, sample_epoch, shuffle_seed, transition_rows
+from ddpo.trainer import compute_advantages, sample_epoch, shuffle_seed
 from tests.conftest import TINY, compose, read_metrics, run_in_process
 
 
 def first_step_losses(tmp_path, overrides):
-    """ppo_loss on every micro-batch of the first training batch, as train_epoch computes it."""
+    """The algorithm's loss on every micro-batch of the first training batch, as train_epoch computes it."""
     run, comps = build(compose(TINY + ["mixed_precision=no", *overrides]), str(tmp_path))
     with ThreadPoolExecutor(max_workers=1) as executor:
         samples = sample_epoch(comps, run, 0, executor)
-    tracker = PerPromptStatTracker(run.per_prompt_stat_tracking.buffer_size, run.per_prompt_stat_tracking.min_count)
-    advantages, *_ = compute_advantages(comps, run, samples, tracker)
+    advantages, *_ = compute_advantages(comps, samples)
 
     accelerator, pipeline, t = comps.accelerator, comps.pipeline, run.train
     model = accelerator.prepare(pipeline.trainable_module())
@@ -34,13 +32,10 @@ def first_step_losses(tmp_path, overrides):
     results = []
     for start in range(0, trained, t.timesteps_per_call):
         steps = step_order[rows, start:start + t.timesteps_per_call]
-        rows_batch = transition_rows(batch, rows, steps)
+        rows_batch = batch.transitions(rows, steps)
         adv = advantages[rows].repeat_interleave(steps.shape[1])
-        loss, stats = ppo_loss(pipeline, run, rows_batch, adv)
-        log_prob = pipeline.log_prob(
-            rows_batch["latents"], rows_batch["next_latents"], rows_batch["timesteps"], rows_batch["prompt_embeds"],
-            num_steps=run.sample.num_steps, guidance_scale=run.sample.guidance_scale, eta=run.sample.eta, cfg=t.cfg,
-        )
+        loss, stats = comps.algorithm.loss(pipeline, rows_batch, adv)
+        log_prob, _, _ = pipeline.log_prob(rows_batch)
         results.append((loss, stats, log_prob, rows_batch["log_probs"], adv))
     return results
 

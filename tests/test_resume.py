@@ -106,7 +106,7 @@ def test_more_epochs_continue_the_same_run(reference, half_run, tmp_path):
     # the tracker buffers were restored: the last checkpoints hold the same buffers as the reference's
     ours = json.loads((run_dir / "checkpoints" / f"checkpoint_{N:05d}" / "ddpo_state.json").read_text())
     ref = json.loads((reference / "checkpoints" / f"checkpoint_{N:05d}" / "ddpo_state.json").read_text())
-    assert ours == ref and ours["stat_tracker"]["buffers"]
+    assert ours == ref and ours["algorithm"]["stat_tracker"]["buffers"]
 
 
 def test_killed_after_a_checkpoint_resumes_without_gaps(reference, tmp_path, monkeypatch):
@@ -121,14 +121,14 @@ def test_killed_after_a_checkpoint_resumes_without_gaps(reference, tmp_path, mon
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["checkpoint_00002"]
     saved = json.loads((run_dir / "checkpoints" / "checkpoint_00002" / "ddpo_state.json").read_text())
     assert saved["epochs_completed"] == 2 and saved["global_step"] == 4
-    assert saved["stat_tracker"]["buffers"], "the checkpoint holds no reward buffers"
+    assert saved["algorithm"]["stat_tracker"]["buffers"], "the checkpoint holds no reward buffers"
 
     restored = []
     original_load = TrainingState.load_state_dict
 
     def spy(self, state):
         original_load(self, state)
-        restored.append((self.epochs_completed, self.global_step, self.stat_tracker.state_dict()))
+        restored.append((self.epochs_completed, self.global_step, self.algorithm.tracker.state_dict()))
 
     monkeypatch.setattr(TrainingState, "load_state_dict", spy)
     run_in_process(run_dir, [*RUN, f"num_epochs={N}", "save_freq=2"])
@@ -136,7 +136,7 @@ def test_killed_after_a_checkpoint_resumes_without_gaps(reference, tmp_path, mon
     assert len(restored) == 1
     epochs_completed, global_step, tracker_state = restored[0]
     assert (epochs_completed, global_step) == (2, 4)
-    assert tracker_state["buffers"] == saved["stat_tracker"]["buffers"]
+    assert tracker_state["buffers"] == saved["algorithm"]["stat_tracker"]["buffers"]
 
     records = read_metrics(run_dir)
     assert [r["epoch"] for r in records] == list(range(N)), "an epoch is missing or repeated"

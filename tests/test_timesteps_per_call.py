@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpo.config import build
-from ddpo.trainer import TrainingState, compute_advantages, ppo_loss, sample_epoch, train_epoch, transition_rows
+from ddpo.trainer import TrainingState, compute_advantages, sample_epoch, train_epoch
 from tests.conftest import TINY, compose
 
 BASE = TINY + ["use_lora=false", "sample.num_steps=3", "per_prompt_stat_tracking.enabled=false"]
@@ -25,13 +25,14 @@ def sampled(tmp_path_factory):
     run, comps = build_run(tmp_path_factory.mktemp("sample"))
     with ThreadPoolExecutor(max_workers=1) as executor:
         samples = sample_epoch(comps, run, 0, executor)
-    advantages, *_ = compute_advantages(comps, run, samples, None)
+    advantages, *_ = compute_advantages(comps, samples)
     assert advantages.abs().max() > 0
     return samples.batch, advantages
 
 
-def weighted_loss_and_grads(pipeline, run, samples, advantages, rows, steps, per_call):
+def weighted_loss_and_grads(comps, samples, advantages, rows, steps, per_call):
     """Backward of the loss of (rows x steps) in groups of ``per_call`` timesteps, weighted as train_epoch does."""
+    pipeline = comps.pipeline
     params = pipeline.trainable_parameters()
     for p in params:
         p.grad = None
@@ -39,9 +40,9 @@ def weighted_loss_and_grads(pipeline, run, samples, advantages, rows, steps, per
     total = torch.zeros(())
     for start in range(0, trained, per_call):
         part = steps[:, start:start + per_call]
-        batch = transition_rows(samples, rows, part)
+        batch = samples.transitions(rows, part)
         adv = advantages[rows].repeat_interleave(part.shape[1])
-        loss, _ = ppo_loss(pipeline, run, batch, adv)
+        loss, _ = comps.algorithm.loss(pipeline, batch, adv)
         weight = part.shape[1] / trained
         (loss * weight).backward()
         total = total + loss.detach() * weight
@@ -69,9 +70,9 @@ def test_grouped_timesteps_give_same_loss_and_gradients(tmp_path, sampled, pertu
     # each row trains its timesteps in its own random order, as in train_epoch
     steps = torch.stack([torch.randperm(3, generator=torch.Generator().manual_seed(i)) for i in range(len(rows))])
 
-    one_loss, one_grads = weighted_loss_and_grads(pipeline, run, samples, advantages, rows, steps, per_call=1)
-    all_loss, all_grads = weighted_loss_and_grads(pipeline, run, samples, advantages, rows, steps, per_call=3)
-    two_loss, two_grads = weighted_loss_and_grads(pipeline, run, samples, advantages, rows, steps, per_call=2)
+    one_loss, one_grads = weighted_loss_and_grads(comps, samples, advantages, rows, steps, per_call=1)
+    all_loss, all_grads = weighted_loss_and_grads(comps, samples, advantages, rows, steps, per_call=3)
+    two_loss, two_grads = weighted_loss_and_grads(comps, samples, advantages, rows, steps, per_call=2)
 
     torch.testing.assert_close(all_loss, one_loss, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(two_loss, one_loss, rtol=1e-4, atol=1e-6)
@@ -83,8 +84,7 @@ def test_grouped_timesteps_give_same_loss_and_gradients(tmp_path, sampled, pertu
 
     # a wrong weighting (each call's mean loss at full weight) would not match: the check can fail
     wrong = sum(
-        ppo_loss(pipeline, run, transition_rows(samples, rows, steps[:, j:j + 1]),
-                 advantages[rows])[0].detach()
+        comps.algorithm.loss(pipeline, samples.transitions(rows, steps[:, j:j + 1]), advantages[rows])[0].detach()
         for j in range(3)
     )
     assert not torch.allclose(wrong, one_loss, rtol=1e-3)

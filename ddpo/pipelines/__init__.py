@@ -1,4 +1,4 @@
-from ddpo.pipelines.base import DDPOPipeline, SampleBatch
+from ddpo.pipelines.base import DDPOPipeline, Rollout
 from ddpo.pipelines.stable_diffusion import StableDiffusionDDPOPipeline
 
-__all__ = ["DDPOPipeline", "SampleBatch", "StableDiffusionDDPOPipeline"]
+__all__ = ["DDPOPipeline", "Rollout", "StableDiffusionDDPOPipeline"]

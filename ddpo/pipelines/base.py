@@ -4,6 +4,7 @@ A new model family (SDXL, SD3, ...) is a new subclass of ``DDPOPipeline`` plus a
 ``conf/pipeline/``; the loop does not change.
 """
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
@@ -14,67 +15,80 @@ TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # the trained tensors unde
 
 
 @dataclass
-class SampleBatch:
-    """One batch of sampled images and the denoising chain that produced them.
+class Rollout:
+    """Sampled images and the denoising chains that produced them, in tensors the pipeline names.
 
-    ``latents[:, j]`` is x_t at step j and ``next_latents[:, j]`` the x_{t-1} drawn from it;
-    ``log_probs[:, j]`` is the log probability of that transition under the sampling policy.
+    ``conditioning`` holds per-sample tensors (B, ...) (text embeddings, pooled embeddings, time ids:
+    whatever the family needs to score a transition again); ``steps`` holds per-sample, per-step
+    tensors (B, T, ...), among them ``log_probs`` (B, T), float32: the log probability of each
+    transition under the sampling policy. The loop moves, shuffles and gathers these without knowing
+    what they are; ``transitions`` flattens a choice of (sample, step) pairs into what ``log_prob``
+    reads.
     """
 
-    prompt_embeds: torch.Tensor  # (B, L, D) text conditioning, reused in training
-    timesteps: torch.Tensor  # (B, T)
-    latents: torch.Tensor  # (B, T, C, h, w)
-    next_latents: torch.Tensor  # (B, T, C, h, w)
-    log_probs: torch.Tensor  # (B, T), float32
+    conditioning: dict[str, torch.Tensor]
+    steps: dict[str, torch.Tensor]
     images: torch.Tensor  # (B, 3, H, W), float32 in [0, 1]
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    @property
+    def log_probs(self) -> torch.Tensor:
+        return self.steps["log_probs"]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @staticmethod
+    def cat(rollouts: list["Rollout"]) -> "Rollout":
+        first = rollouts[0]
+        return Rollout(
+            conditioning={k: torch.cat([r.conditioning[k] for r in rollouts]) for k in first.conditioning},
+            steps={k: torch.cat([r.steps[k] for r in rollouts]) for k in first.steps},
+            images=torch.cat([r.images for r in rollouts]),
+        )
+
+    def transitions(self, rows: torch.Tensor, steps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The transitions (rows[i], steps[i, j]) flattened into one batch of B * k rows."""
+        k = steps.shape[1]
+        batch = {name: value[rows].repeat_interleave(k, dim=0) for name, value in self.conditioning.items()}
+        batch.update({name: value[rows[:, None], steps].flatten(0, 1) for name, value in self.steps.items()})
+        return batch
 
 
 class DDPOPipeline(ABC):
-    """Sampling with log probabilities, log-prob recomputation with gradients, trained weights."""
+    """Sampling with log probabilities, log-prob recomputation with gradients, trained weights.
+
+    A pipeline reads its sampler settings (steps, noise, guidance, guidance while training) once,
+    in its constructor, and checks them there.
+    """
 
     @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text conditioning for a batch of prompts (no gradients)."""
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Per-sample conditioning of a batch of prompts (no gradients)."""
 
     @abstractmethod
-    def sample(
-        self,
-        prompt_embeds: torch.Tensor,
-        *,
-        num_steps: int,
-        guidance_scale: float,
-        eta: float,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-    ) -> SampleBatch:
+    def sample(self, conditioning: dict[str, torch.Tensor], generator: list[torch.Generator]) -> Rollout:
         """Sample images and record every transition with its log probability (no gradients).
 
-        ``generator`` may be a list with one generator per sample: each sample's initial latent and
-        step noise then come from its own generator, whatever batch it is drawn in.
+        ``generator`` holds one generator per sample: each sample's initial latent and step noise
+        come from its own generator, whatever batch it is drawn in.
         """
 
     @abstractmethod
-    def log_prob(
-        self,
-        latents: torch.Tensor,
-        next_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        *,
-        num_steps: int,
-        guidance_scale: float,
-        eta: float,
-        cfg: bool = True,
-    ) -> torch.Tensor:
-        """Log probability (B,) of stored transitions x_t -> x_{t-1}, with gradients.
+    def log_prob(self, transitions: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log prob (N,), Gaussian mean (N, ...), std (N,)) of stored transitions, with gradients.
 
-        ``timesteps`` holds one timestep per element, so one call may score transitions from
-        different steps of the chain; ``num_steps`` is the length of the chain they were sampled
-        with (it fixes the schedule, hence each step's predecessor). With ``cfg`` the guidance is
-        applied exactly as in sampling.
+        ``transitions`` is what ``Rollout.transitions`` returns: one row per transition, which may
+        come from different steps of the chain. The policy is evaluated exactly as in sampling.
         """
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Within this context the pipeline is the reference policy (the model before training)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference model")
+        yield
+
+    def keep_reference(self) -> None:
+        """Called before training when the algorithm will ask for the reference policy."""
 
     @property
     def max_num_steps(self) -> int | None:

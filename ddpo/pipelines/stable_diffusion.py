@@ -6,7 +6,7 @@ import os
 import torch
 
 from ddpo.errors import ConfigError
-from ddpo.pipelines.base import DDPOPipeline, SampleBatch
+from ddpo.pipelines.base import DDPOPipeline, Rollout
 from ddpo.schedulers.ddim import ddim_step_with_logprob, draw_noise
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -30,11 +30,25 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         mixed_precision: str = "no",
         device: str | torch.device = "cpu",
         resolution: int | None = None,
+        num_steps: int = 50,
+        eta: float = 1.0,
+        guidance_scale: float = 5.0,
+        train_cfg: bool = True,
         gradient_checkpointing: bool = False,
         attention: str = "sdpa",
         compile_unet: bool = False,
     ):
         from diffusers import DDIMScheduler
+
+        if not eta > 0:  # NaN included
+            raise ConfigError(
+                f"sample.eta must be > 0 (got {eta}): with eta = 0 DDIM is deterministic and a transition has no "
+                "log probability to optimise"
+            )
+        self.num_steps, self.eta, self.guidance_scale = num_steps, eta, guidance_scale
+        # guided exactly when sampling is (a scale of 1 means no guidance, as in diffusers)
+        self.sample_cfg = guidance_scale > 1.0
+        self.train_cfg = train_cfg and self.sample_cfg
 
         self.sd = components
         self.unet = components.unet
@@ -80,6 +94,7 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         self.compile_unet = compile_unet
         self._denoiser = torch.compile(self.unet) if compile_unet else self.unet
         self._negative_embeds = None
+        self._reference = None  # full fine-tuning with KL: a frozen copy of the UNet before training
 
     # -- structure -------------------------------------------------------------------------
     @property
@@ -111,7 +126,7 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
 
     # -- conditioning ------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
             prompts,
             padding="max_length",
@@ -121,9 +136,12 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         ).input_ids.to(self.device)
         return self.text_encoder(ids)[0]
 
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": self._embed(prompts)}
+
     def negative_embeds(self, batch_size: int) -> torch.Tensor:
         if self._negative_embeds is None:
-            self._negative_embeds = self.encode_prompts([""])
+            self._negative_embeds = self._embed([""])
         return self._negative_embeds.expand(batch_size, -1, -1)
 
     # -- the policy --------------------------------------------------------------------------
@@ -144,9 +162,10 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         return uncond + guidance_scale * (cond - uncond)
 
     @torch.no_grad()
-    def sample(self, prompt_embeds, *, num_steps, guidance_scale, eta, generator=None) -> SampleBatch:
+    def sample(self, conditioning, generator) -> Rollout:
+        prompt_embeds = conditioning["prompt_embeds"]
         batch = prompt_embeds.shape[0]
-        self.scheduler.set_timesteps(num_steps, device=self.device)
+        self.scheduler.set_timesteps(self.num_steps, device=self.device)
         timesteps = self.scheduler.timesteps
         size = self.resolution // self.vae_scale_factor
         shape = (batch, self.unet.config.in_channels, size, size)
@@ -155,19 +174,21 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         trajectory, log_probs = [latents], []
         for t in timesteps:
             t_batch = t.expand(batch)
-            output = self._guided_output(latents, t_batch, prompt_embeds, guidance_scale, cfg=guidance_scale > 1.0)
+            output = self._guided_output(latents, t_batch, prompt_embeds, self.guidance_scale, cfg=self.sample_cfg)
             latents, log_prob = ddim_step_with_logprob(
-                self.scheduler, output, t_batch, latents, eta=eta, generator=generator
+                self.scheduler, output, t_batch, latents, eta=self.eta, generator=generator
             )
             trajectory.append(latents)
             log_probs.append(log_prob)
         chain = torch.stack(trajectory, dim=1)
-        return SampleBatch(
-            prompt_embeds=prompt_embeds,
-            timesteps=timesteps.expand(batch, -1).clone(),
-            latents=chain[:, :-1],
-            next_latents=chain[:, 1:],
-            log_probs=torch.stack(log_probs, dim=1),
+        return Rollout(
+            conditioning={"prompt_embeds": prompt_embeds},
+            steps={
+                "timesteps": timesteps.expand(batch, -1).clone(),
+                "latents": chain[:, :-1],
+                "next_latents": chain[:, 1:],
+                "log_probs": torch.stack(log_probs, dim=1),
+            },
             images=self.decode(latents),
         )
 
@@ -177,15 +198,41 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
             images = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    def log_prob(self, latents, next_latents, timesteps, prompt_embeds, *, num_steps, guidance_scale, eta, cfg=True):
-        if self.scheduler.num_inference_steps != num_steps:
-            self.scheduler.set_timesteps(num_steps, device=self.device)
-        # guided exactly when sampling was (a scale of 1 means no guidance, as in diffusers)
-        output = self._guided_output(latents, timesteps, prompt_embeds, guidance_scale, cfg=cfg and guidance_scale > 1.0)
-        _, log_prob = ddim_step_with_logprob(
-            self.scheduler, output, timesteps, latents, eta=eta, prev_sample=next_latents
+    def log_prob(self, transitions):
+        if self.scheduler.num_inference_steps != self.num_steps:
+            self.scheduler.set_timesteps(self.num_steps, device=self.device)
+        latents, timesteps = transitions["latents"], transitions["timesteps"]
+        output = self._guided_output(latents, timesteps, transitions["prompt_embeds"], self.guidance_scale,
+                                     cfg=self.train_cfg)
+        _, log_prob, mean, std = ddim_step_with_logprob(
+            self.scheduler, output, timesteps, latents, eta=self.eta, prev_sample=transitions["next_latents"],
+            return_gaussian=True,
         )
-        return log_prob
+        return log_prob, mean, std
+
+    # -- the reference policy (KL) -----------------------------------------------------------
+    def keep_reference(self) -> None:
+        if not self.use_lora and self._reference is None:  # full fine-tuning: a frozen copy of the start
+            import copy
+
+            self._reference = copy.deepcopy(self.unet).requires_grad_(False).eval().to(self.dtype)
+
+    @contextlib.contextmanager
+    def reference(self):
+        if self.use_lora:  # the same UNet with its adapters off: no second copy of the weights
+            self.unet.disable_adapters()
+            try:
+                yield
+            finally:
+                self.unet.enable_adapters()
+            return
+        if self._reference is None:
+            raise RuntimeError("keep_reference() was not called before training")
+        denoiser, self._denoiser = self._denoiser, self._reference
+        try:
+            yield
+        finally:
+            self._denoiser = denoiser
 
     # -- export ------------------------------------------------------------------------------
     @property

@@ -80,13 +80,16 @@ def ddim_step_with_logprob(
     eta: float,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    return_gaussian: bool = False,
 ):
     """One DDIM step x_t -> x_{t-1} with noise scale ``eta`` (> 0).
 
     ``generator`` may be a list, one generator per batch element: each element's noise then does
     not depend on the batch it is drawn in (``draw_noise``).
 
-    Returns ``(prev_sample, log_prob)``. When ``prev_sample`` is given it is not drawn but scored:
+    Returns ``(prev_sample, log_prob)``, or with ``return_gaussian`` ``(prev_sample, log_prob, mean,
+    std)``: the transition's Gaussian (mean like the sample, std one per batch element), what a KL
+    between two policies needs. When ``prev_sample`` is given it is not drawn but scored:
     that is how stored transitions are re-evaluated during training. ``log_prob`` is the mean over
     all non-batch elements of the Gaussian log density (the reduction DDPO's clip range assumes).
     ``timestep`` is a scalar or one timestep per batch element, each a step of the scheduler's
@@ -140,4 +143,6 @@ def ddim_step_with_logprob(
     std_f = std_b.float()
     log_density = -(diff**2) / (2 * std_f**2) - torch.log(std_f) - 0.5 * math.log(2 * math.pi)
     log_prob = log_density.mean(dim=tuple(range(1, sample.ndim)))
+    if return_gaussian:
+        return prev_sample.type(sample.dtype), log_prob, mean, std.float()
     return prev_sample.type(sample.dtype), log_prob

@@ -1,0 +1,63 @@
+"""GRPO-style group-relative advantages (Shao et al. 2024; Flow-GRPO, Liu et al. 2025).
+
+Every prompt of an epoch is drawn for a group of ``group_size`` samples, and each sample's advantage
+is its reward relative to its own group: (r - group mean) / (group std + eps). No reward history is
+kept. The groups are consecutive global sample indices, so a group may span batches and processes:
+advantages are computed on the rewards gathered from every process.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ddpo.algorithms.base import Algorithm
+from ddpo.errors import ConfigError
+from ddpo.seeds import derived_seed, group_seed, sample_seed
+
+
+class GRPO(Algorithm):
+    """Args:
+        group_size: samples per prompt in every epoch (>= 2).
+        scale_by_std: divide by the group's std (GRPO); false keeps only the mean baseline (Dr. GRPO).
+        eps: added to the group std (Flow-GRPO uses 1e-4).
+        shared_noise: the samples of a group also share their initial noise (they then differ only by
+            the sampler's step noise).
+    """
+
+    def __init__(self, clip_range: float, adv_clip_max: float, group_size: int, scale_by_std: bool = True,
+                 eps: float = 1e-4, shared_noise: bool = False, kl_coef: float = 0.0, track_kl_ref: bool = False):
+        super().__init__(clip_range, adv_clip_max, kl_coef, track_kl_ref)
+        if group_size < 2:
+            raise ConfigError(f"algorithm.group_size must be >= 2 (got {group_size}): a group of one has no baseline")
+        if not eps > 0:
+            raise ConfigError(f"algorithm.eps must be > 0 (got {eps})")
+        self.group_size = group_size
+        self.scale_by_std = scale_by_std
+        self.eps = eps
+        self.shared_noise = shared_noise
+
+    def sample_seeds(self, seed: int, epoch: int, index: int) -> tuple[int, int]:
+        group = group_seed(seed, epoch, index // self.group_size)
+        noise = group if self.shared_noise else sample_seed(seed, epoch, index)
+        return derived_seed(group, 1), derived_seed(noise, 2)
+
+    def check_plan(self, samples_per_epoch: int) -> None:
+        if samples_per_epoch % self.group_size:
+            raise ConfigError(
+                f"algorithm.group_size={self.group_size} does not divide the {samples_per_epoch} samples per epoch "
+                "(processes x sample.num_batches_per_epoch x sample.batch_size)"
+            )
+
+    def describe(self, samples_per_epoch: int) -> str:
+        return f"{samples_per_epoch // self.group_size} prompts x {self.group_size} samples (GRPO groups)"
+
+    def raw_advantages(self, rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
+        rewards = np.asarray(rewards, dtype=np.float64)
+        groups = rewards.reshape(-1, self.group_size)
+        grouped_prompts = [prompts[i:i + self.group_size] for i in range(0, len(prompts), self.group_size)]
+        if any(len(set(g)) != 1 for g in grouped_prompts):  # the sampling and the gather order disagree
+            raise RuntimeError("a GRPO group holds different prompts: samples were not gathered in index order")
+        centred = groups - groups.mean(axis=1, keepdims=True)
+        if self.scale_by_std:
+            centred = centred / (groups.std(axis=1, keepdims=True) + self.eps)
+        return centred.reshape(-1)

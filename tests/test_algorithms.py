@@ -110,3 +110,15 @@ def test_a_large_kl_coef_keeps_the_policy_near_the_reference(tmp_path):
     assert free[-1] > 0
     # Adam's first steps have the same size whatever the loss: compare from epoch 2 on
     assert sum(tied[2:]) * 5 <= sum(free[2:]), (tied, free)
+
+
+def test_an_algorithm_defined_outside_ddpo_is_one_module_and_one_yaml(tmp_path):
+    """tests/fixtures/external holds a module and a YAML; hydra.searchpath adds its conf/ to the groups."""
+    from pathlib import Path
+
+    external = Path(__file__).parent / "fixtures" / "external" / "conf"
+    result = run_cli(tmp_path, [*TINY, "num_epochs=1", f"hydra.searchpath=[file://{external}]", "algorithm=rloo"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = read_metrics(tmp_path)
+    assert record["num_samples"] == 4 and np.isfinite(record["loss"])
+    assert "LeaveOneOut" in (tmp_path / ".hydra" / "config.yaml").read_text()

@@ -45,10 +45,19 @@ def distance(a: dict, b: dict) -> float:
     return sum(((a[k].float() - b[k].float()) ** 2).sum() for k in a).sqrt().item()
 
 
+# GRPO with one group of 4 spanning both processes: its advantages need every process's rewards
+ALGORITHMS = {"ddpo": [], "grpo": ["algorithm=grpo", "algorithm.group_size=4"]}
+
+
+@pytest.fixture(scope="module", params=list(ALGORITHMS))
+def algorithm(request):
+    return ALGORITHMS[request.param]
+
+
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory):
+def one_process_run(tmp_path_factory, algorithm):
     run_dir = tmp_path_factory.mktemp("one_process") / "run"
-    result = run_cli(run_dir, ONE_PROCESS, env=ENV, timeout=TIMEOUT)
+    result = run_cli(run_dir, [*ONE_PROCESS, *algorithm], env=ENV, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 1;" in (run_dir / "train.log").read_text()
     return run_dir
@@ -82,27 +91,30 @@ def assert_same_run(two_dir, one_dir, initial):
     assert distance(two_weights, one_weights) < 1e-2 * update
 
 
-def test_accelerate_launch_two_cpu_processes_match_one_process(tmp_path, one_process_run, initial_weights):
+def test_accelerate_launch_two_cpu_processes_match_one_process(tmp_path, algorithm, one_process_run, initial_weights):
     # each rank resolves ${now:} itself: the ranks' directories differ, and the run must use rank 0's
     runs = tmp_path / "runs"
     # ACCELERATE_USE_CPU + --multi_gpu is what starts a real 2-process gloo run without GPUs
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()),
-           str(ROOT / "train.py"), *PER_PROCESS_OF_TWO, f"hydra.run.dir={runs}/${{now:%H-%M-%S-%f}}"]
+           str(ROOT / "train.py"), *PER_PROCESS_OF_TWO, *algorithm, f"hydra.run.dir={runs}/${{now:%H-%M-%S-%f}}"]
     result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(ACCELERATE_USE_CPU="true", **ENV),
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-5000:]
     run_dirs = list(runs.iterdir())
     assert len(run_dirs) == 1, f"rank 1 left its own Hydra directory: {run_dirs}"
     assert_same_run(run_dirs[0], one_process_run, initial_weights)
-    assert (run_dirs[0] / "train.log").read_text().count("world size 2;") == 1, "only rank 0 logs"
+    log = (run_dirs[0] / "train.log").read_text()
+    assert log.count("world size 2;") == 1, "only rank 0 logs"
+    if algorithm:  # one group across both processes (a split group would have stopped the run)
+        assert "1 prompts x 4 samples (GRPO groups)" in log
 
 
-def test_two_task_submitit_job_matches_one_process(tmp_path, one_process_run, initial_weights):
+def test_two_task_submitit_job_matches_one_process(tmp_path, algorithm, one_process_run, initial_weights):
     sweep = tmp_path / "sweep"
     result = multirun(sweep, ["launcher=local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10",
-                              *PER_PROCESS_OF_TWO], env=subprocess_env(**ENV), timeout=TIMEOUT)
+                              *PER_PROCESS_OF_TWO, *algorithm], env=subprocess_env(**ENV), timeout=TIMEOUT)
     assert result.returncode == 0, failure_report(result, sweep)
     assert_same_run(sweep / "0", one_process_run, initial_weights)
     assert len(list(sweep.glob(".submitit/*/*_1_log.err"))) == 1, "the job did not have a second task"

@@ -1,4 +1,4 @@
-"""The quick start's promise, checked end to end (slow: three ~4-minute CPU runs).
+"""The quick start's promise, checked end to end (slow: four ~2-4-minute CPU runs).
 
     pytest -m slow tests/test_quickstart.py
 """
@@ -24,7 +24,8 @@ def trend_in_standard_errors(records) -> float:
     return (last - first) / math.hypot(first_se, last_se)
 
 
-@pytest.mark.parametrize("overrides", [[], ["reward=jpeg_incompressibility"]], ids=["compressibility", "incompressibility"])
+@pytest.mark.parametrize("overrides", [[], ["reward=jpeg_incompressibility"], ["algorithm=grpo", "algorithm.group_size=4"]],
+                         ids=["compressibility", "incompressibility", "grpo-compressibility"])
 def test_tiny_preset_learns_its_reward(tmp_path, overrides):
     result = run_cli(tmp_path, ["experiment=tiny_compressibility", "logger=none", *overrides], timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -21,6 +21,9 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
     forward passes run under autocast.
     """
 
+    accepts = ("StableDiffusionPipeline",)
+    option = "ddim"
+
     def __init__(
         self,
         components,
@@ -244,7 +247,10 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
 
         if self.use_lora:
             return super().read_export(directory)
-        loaded = UNet2DConditionModel.from_pretrained(os.path.join(directory, "unet"), torch_dtype=torch.float32)
+        unet_dir = os.path.join(directory, "unet")
+        if not os.path.isdir(unet_dir):  # from_pretrained would take a missing path for a Hub id
+            raise FileNotFoundError(f"{unet_dir} is missing")
+        loaded = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
         return {name: p.detach() for name, p in loaded.named_parameters()}
 
     def export(self, directory: str) -> list[str]:

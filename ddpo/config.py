@@ -262,6 +262,9 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     backend = logger_cfg.backend
     if backend not in ("tensorboard", "wandb", "none"):
         raise ConfigError(f"logger.backend must be tensorboard, wandb or none (got {backend!r})")
+    from ddpo.pipelines.fit import check_fit
+
+    check_fit(cfg)  # model=sdxl pipeline=ddim stops here, before any weight is loaded
 
     import torch
 
@@ -288,6 +291,7 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
 
     set_seed(run.seed)  # LoRA's random init, and anything else drawn from the global generators
     components = _instantiate(cfg.model, "the model (model=...)")
+    check_fit(cfg, components)  # the model actually loaded (any loader, any model.path)
     pipeline = _instantiate(
         cfg.pipeline,
         "the pipeline (pipeline=...)",

@@ -19,8 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the model loaders a run's config may name; anything else is refused (a config is data, not code)
 KNOWN_LOADERS = {
     "ddpo.models.load_stable_diffusion": ("path", "revision", "variant"),
-    "ddpo.models.tiny_model": ("path", "seed", "resolution"),
+    "ddpo.models.tiny_model": ("path", "seed", "resolution", "prediction_type"),
     "ddpo.models.sd15_architecture": ("seed", "resolution"),
+    "ddpo.models.load_stable_diffusion_xl": ("path", "revision", "variant"),
+    "ddpo.models.tiny_sdxl_model": ("path", "seed", "resolution"),
 }
 
 

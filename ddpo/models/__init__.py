@@ -1,3 +1,4 @@
-from ddpo.models.loading import load_stable_diffusion, sd15_architecture, tiny_model
+from ddpo.models.loading import (load_stable_diffusion, load_stable_diffusion_xl, sd15_architecture, tiny_model,
+                                 tiny_sdxl_model)
 
-__all__ = ["load_stable_diffusion", "sd15_architecture", "tiny_model"]
+__all__ = ["load_stable_diffusion", "load_stable_diffusion_xl", "sd15_architecture", "tiny_model", "tiny_sdxl_model"]

@@ -15,12 +15,28 @@ def load_stable_diffusion(path: str, revision: str | None = None, variant: str |
     Hub downloads are cached by huggingface_hub as usual. Failure to load (offline, wrong id,
     incomplete directory) stops the run with one line instead of a long traceback.
     """
+    return _from_pretrained("StableDiffusionPipeline", "tiny", path, revision, variant,
+                            safety_checker=None, requires_safety_checker=False)
+
+
+def load_stable_diffusion_xl(path: str, revision: str | None = None, variant: str | None = None,
+                             resolution: int | None = None):
+    """A diffusers ``StableDiffusionXLPipeline`` (float32, CPU) from a hub id or a local directory.
+
+    As ``load_stable_diffusion``: ``resolution`` is the pipeline's, and failure to load is one line.
+    """
+    return _from_pretrained("StableDiffusionXLPipeline", "tiny_sdxl", path, revision, variant)
+
+
+def _from_pretrained(pipeline_class: str, offline_model: str, path: str, revision: str | None,
+                     variant: str | None, **kwargs):
+    """``<pipeline_class>.from_pretrained`` with the Hub probe and one-line errors of the loaders above."""
     local = os.path.isdir(os.path.expanduser(path))
     if not local and (os.path.isabs(os.path.expanduser(path)) or path.startswith((".", "~"))):
         # a filesystem path, not a hub id: say so instead of the hub's "not a valid repo id"
         raise ConfigError(f"model.path={path}: no such directory (give a hub id or a directory "
-                          "saved with save_pretrained; without network access, model=tiny)")
-    from diffusers import StableDiffusionPipeline
+                          f"saved with save_pretrained; without network access, model={offline_model})")
+    import diffusers
 
     from ddpo.network import work_offline_unless_hub_reachable
 
@@ -28,12 +44,11 @@ def load_stable_diffusion(path: str, revision: str | None = None, variant: str |
         work_offline_unless_hub_reachable()
     source = os.path.abspath(os.path.expanduser(path)) if local else path
     try:
-        return StableDiffusionPipeline.from_pretrained(
+        return getattr(diffusers, pipeline_class).from_pretrained(
             source,
             revision=None if local else revision,
             variant=variant,
-            safety_checker=None,
-            requires_safety_checker=False,
+            **kwargs,
         )
     except Exception as exc:  # diffusers/hub raise many types; all mean "cannot load this model"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -42,18 +57,27 @@ def load_stable_diffusion(path: str, revision: str | None = None, variant: str |
             reason = reason[:117] + "..."
         where = f"local directory {source}" if local else f"hub model {path!r}"
         raise ConfigError(
-            f"cannot load {where} ({reason}); without network access use model=tiny, "
+            f"cannot load {where} ({reason}); without network access use model={offline_model}, "
             "or model.path=<directory saved with save_pretrained>"
         ) from None
 
 
-def tiny_model(path: str | None = None, seed: int = 0, resolution: int = 64):
-    """The tiny local model: built from configs, or loaded from ``path`` if given."""
+def tiny_model(path: str | None = None, seed: int = 0, resolution: int = 64, prediction_type: str = "epsilon"):
+    """The tiny local model: built from configs, or loaded from ``path`` if given (with its own scheduler)."""
     if path:
         return load_stable_diffusion(path)
     from ddpo.models.tiny import build_tiny_pipeline
 
-    return build_tiny_pipeline(seed=seed, resolution=resolution)
+    return build_tiny_pipeline(seed=seed, resolution=resolution, prediction_type=prediction_type)
+
+
+def tiny_sdxl_model(path: str | None = None, seed: int = 0, resolution: int = 64):
+    """The tiny local SDXL model (``ddpo/models/tiny_sdxl.py``), or one loaded from ``path`` if given."""
+    if path:
+        return load_stable_diffusion_xl(path)
+    from ddpo.models.tiny_sdxl import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(seed=seed, resolution=resolution)
 
 
 def sd15_architecture(seed: int = 0, resolution: int = 512):

@@ -25,13 +25,19 @@ def seeded_init(seed: int, build):
         torch.random.set_rng_state(state)
 
 
-def build_tiny_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32):
-    """Return a ``StableDiffusionPipeline`` of tiny random modules (deterministic in ``seed``)."""
+def build_tiny_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32, prediction_type: str = "epsilon"):
+    """Return a ``StableDiffusionPipeline`` of tiny random modules (deterministic in ``seed``).
+
+    ``prediction_type`` is the scheduler's: ``epsilon`` (SD 1.x) or ``v_prediction`` (SD 2.x at 768 px);
+    the random weights do not depend on it.
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if resolution <= 0 or resolution % 8:
         raise ConfigError(f"model.resolution must be a positive multiple of 8 for the tiny model (got {resolution})")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"model.prediction_type must be epsilon or v_prediction (got {prediction_type!r})")
     latent_size = resolution // 4
 
     def build():
@@ -83,7 +89,7 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32)
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
         unet=unet.eval(),

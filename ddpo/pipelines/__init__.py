@@ -1,4 +1,5 @@
 from ddpo.pipelines.base import DDPOPipeline, Rollout
+from ddpo.pipelines.sdxl import StableDiffusionXLDDPOPipeline
 from ddpo.pipelines.stable_diffusion import StableDiffusionDDPOPipeline
 
-__all__ = ["DDPOPipeline", "Rollout", "StableDiffusionDDPOPipeline"]
+__all__ = ["DDPOPipeline", "Rollout", "StableDiffusionDDPOPipeline", "StableDiffusionXLDDPOPipeline"]

@@ -61,6 +61,10 @@ class DDPOPipeline(ABC):
     in its constructor, and checks them there.
     """
 
+    # the diffusers pipeline classes (of the model group) this class runs; None: not checked (ddpo/pipelines/fit.py)
+    accepts: tuple[str, ...] | None = None
+    option: str | None = None  # the conf/pipeline option that selects this class, named in mismatch errors
+
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Per-sample conditioning of a batch of prompts (no gradients)."""

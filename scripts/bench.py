@@ -56,27 +56,30 @@ def measure_floor(components, run, repeats: int) -> dict:
     denoiser = pipeline._denoiser
     size = pipeline.resolution // pipeline.vae_scale_factor
     channels = unet.config.in_channels
-    embeds = pipeline.encode_prompts(["a photo of a cat"])["prompt_embeds"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    sample_rows = s.batch_size * (2 if pipeline.sample_cfg else 1)
-    latents = torch.randn(sample_rows, channels, size, size, device=device)
-    cond = embeds.expand(sample_rows, -1, -1)
-    timestep = torch.full((sample_rows,), 500, device=device, dtype=torch.long)
+    def unet_inputs(samples: int, cfg: bool):
+        """Latents, timesteps and the UNet's conditioning for ``samples`` samples, as the loop calls it."""
+        conditioning = pipeline.encode_prompts(["a photo of a cat"] * samples)
+        rows = samples * (2 if cfg else 1)
+        latents = torch.randn(rows, channels, size, size, device=device)
+        timesteps = torch.full((rows,), 500, device=device, dtype=torch.long)
+        return latents, timesteps, pipeline.unet_conditioning(conditioning, cfg)
+
+    latents, timestep, cond = unet_inputs(s.batch_size, pipeline.sample_cfg)
+    sample_rows = len(latents)
 
     def forward():
         with torch.no_grad(), pipeline._autocast():
-            denoiser(latents, timestep, cond)
+            denoiser(latents, timestep, **cond)
 
     k = min(t.timesteps_per_call, components.plan.trained_timesteps)
-    train_rows = t.batch_size * k * (2 if pipeline.train_cfg else 1)
-    train_latents = torch.randn(train_rows, channels, size, size, device=device)
-    train_cond = embeds.expand(train_rows, -1, -1)
-    train_t = torch.full((train_rows,), 500, device=device, dtype=torch.long)
+    train_latents, train_t, train_cond = unet_inputs(t.batch_size * k, pipeline.train_cfg)
+    train_rows = len(train_latents)
 
     def forward_backward():
         with pipeline._autocast():
-            out = denoiser(train_latents, train_t, train_cond).sample
+            out = denoiser(train_latents, train_t, **train_cond).sample
         out.float().square().mean().backward()
         unet.zero_grad(set_to_none=True)
 

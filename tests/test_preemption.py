@@ -115,11 +115,13 @@ def _global_rank(pid: int) -> int:
     return int(next(v for v in environ if v.startswith(b"SUBMITIT_LOCAL_GLOBALID=")).split(b"=")[1])
 
 
-def test_two_task_local_job_checkpoints_when_one_rank_is_signalled_and_resumes(tmp_path):
+@pytest.mark.parametrize("algorithm", [[], ["algorithm=grpo", "algorithm.group_size=4", "algorithm.kl_coef=1.0"]],
+                         ids=["ddpo", "grpo-kl"])
+def test_two_task_local_job_checkpoints_when_one_rank_is_signalled_and_resumes(tmp_path, algorithm):
     """Only rank 1 gets the signal: the ranks agree at the epoch end, both save, rank 0 requeues."""
     sweep = tmp_path / "sweep"
     launcher = multirun(sweep, ["launcher=local", "hydra.launcher.timeout_min=10", "hydra.launcher.tasks_per_node=2",
-                                *PREEMPTIBLE], env=subprocess_env(OMP_NUM_THREADS="1"), wait=False)
+                                *PREEMPTIBLE, *algorithm], env=subprocess_env(OMP_NUM_THREADS="1"), wait=False)
     try:
         wait_for(lambda: len(epochs(sweep / "0")) >= 2, 240, "2 epochs of the job", process=launcher)
         assert len(epochs(sweep / "0")) <= NUM_EPOCHS - 3, "the job ran too fast to be preempted in the middle"

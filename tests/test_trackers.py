@@ -166,3 +166,14 @@ def test_multirun_job_has_the_sweep_group_and_its_overrides_as_tags(tmp_path):
     record = wandb_run_record(wandb_file)
     assert record.run_group == str(sweep_dir)
     assert {"seed=7", "logger=wandb", "model=tiny", "num_epochs=1"} <= set(record.tags)
+
+
+def test_new_algorithm_metrics_reach_the_tracker(tmp_path):
+    """GRPO with a KL penalty: kl_ref and the loop's metrics are TensorBoard scalars like every metric."""
+    run_dir = tmp_path / "run"
+    run_in_process(run_dir, [*TINY, "logger=tensorboard", "num_epochs=2", "algorithm=grpo", "algorithm.group_size=2",
+                             "algorithm.kl_coef=1.0"])
+    accumulator = event_accumulator(run_dir)
+    steps = [r["global_step"] for r in read_metrics(run_dir)]
+    for tag in ("kl_ref", "reward_mean", "approx_kl"):
+        assert [event.step for event in accumulator.Scalars(tag)] == steps, tag

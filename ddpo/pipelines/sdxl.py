@@ -21,9 +21,7 @@ import os
 import torch
 
 from ddpo.errors import ConfigError
-from ddpo.pipelines.base import Rollout
 from ddpo.pipelines.stable_diffusion import StableDiffusionDDPOPipeline
-from ddpo.schedulers.ddim import ddim_step_with_logprob, draw_noise
 
 # DDIM keys an SDXL scheduler config may lack (an Euler scheduler made in code): SDXL's own values, not
 # DDIM's defaults (x0 clipped to [-1, 1], a last step with alpha 1 and so no variance)
@@ -113,65 +111,20 @@ class StableDiffusionXLDDPOPipeline(StableDiffusionDDPOPipeline):
         embeds, pooled = self._negative_embeds
         return embeds.expand(batch_size, -1, -1), pooled.expand(batch_size, -1)
 
-    def negative_embeds(self, batch_size: int) -> torch.Tensor:
-        return self.negative_conditioning(batch_size)[0]
-
     # -- the policy --------------------------------------------------------------------------
-    def _guided_output(self, latents, timesteps, conditioning, guidance_scale, cfg):
-        """The (guided) model output; ``conditioning`` holds the three per-sample tensors of ``encode_prompts``."""
+    CONDITIONING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
+
+    def unet_conditioning(self, conditioning, cfg):
+        """SDXL's UNet also takes the pooled embeddings and the time ids (negatives first with CFG)."""
         embeds = conditioning["prompt_embeds"]
         pooled = conditioning["pooled_prompt_embeds"]
         time_ids = conditioning["add_time_ids"]
         if cfg:
-            negative, negative_pooled = self.negative_conditioning(len(latents))
+            negative, negative_pooled = self.negative_conditioning(len(embeds))
             embeds = torch.cat([negative, embeds])
             pooled = torch.cat([negative_pooled, pooled])
             time_ids = torch.cat([time_ids, time_ids])
-            model_in = torch.cat([latents, latents])
-            t_in = torch.cat([timesteps, timesteps])
-        else:
-            model_in, t_in = latents, timesteps
-        model_in = self.scheduler.scale_model_input(model_in, t_in)
-        with self._autocast():
-            output = self._denoiser(
-                model_in, t_in, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
-            ).sample
-        output = output.float()
-        if not cfg:
-            return output
-        uncond, cond = output.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
-    @torch.no_grad()
-    def sample(self, conditioning, generator) -> Rollout:
-        conditioning = {key: conditioning[key] for key in ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")}
-        batch = conditioning["prompt_embeds"].shape[0]
-        self.scheduler.set_timesteps(self.num_steps, device=self.device)
-        timesteps = self.scheduler.timesteps
-        size = self.resolution // self.vae_scale_factor
-        shape = (batch, self.unet.config.in_channels, size, size)
-        latents = draw_noise(shape, generator, self.device, torch.float32)
-        latents = latents * self.scheduler.init_noise_sigma
-        trajectory, log_probs = [latents], []
-        for t in timesteps:
-            t_batch = t.expand(batch)
-            output = self._guided_output(latents, t_batch, conditioning, self.guidance_scale, cfg=self.sample_cfg)
-            latents, log_prob = ddim_step_with_logprob(
-                self.scheduler, output, t_batch, latents, eta=self.eta, generator=generator
-            )
-            trajectory.append(latents)
-            log_probs.append(log_prob)
-        chain = torch.stack(trajectory, dim=1)
-        return Rollout(
-            conditioning=conditioning,
-            steps={
-                "timesteps": timesteps.expand(batch, -1).clone(),
-                "latents": chain[:, :-1],
-                "next_latents": chain[:, 1:],
-                "log_probs": torch.stack(log_probs, dim=1),
-            },
-            images=self.decode(latents),
-        )
+        return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -193,18 +146,6 @@ class StableDiffusionXLDDPOPipeline(StableDiffusionDDPOPipeline):
             images = self.vae.decode(latents.to(self.vae.dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    def log_prob(self, transitions):
-        if self.scheduler.num_inference_steps != self.num_steps:
-            self.scheduler.set_timesteps(self.num_steps, device=self.device)
-        latents, timesteps = transitions["latents"], transitions["timesteps"]
-        output = self._guided_output(latents, timesteps, transitions, self.guidance_scale, cfg=self.train_cfg)
-        _, log_prob, mean, std = ddim_step_with_logprob(
-            self.scheduler, output, timesteps, latents, eta=self.eta, prev_sample=transitions["next_latents"],
-            return_gaussian=True,
-        )
-        return log_prob, mean, std
-
-    # -- export ------------------------------------------------------------------------------
     def export(self, directory: str) -> list[str]:
         if not self.use_lora:
             return super().export(directory)  # unet/, for UNet2DConditionModel.from_pretrained

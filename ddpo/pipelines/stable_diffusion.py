@@ -148,16 +148,30 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         return self._negative_embeds.expand(batch_size, -1, -1)
 
     # -- the policy --------------------------------------------------------------------------
-    def _guided_output(self, latents, timesteps, prompt_embeds, guidance_scale, cfg):
+    # the conditioning keys a transition needs (encode_prompts' keys); subclasses add theirs
+    CONDITIONING_KEYS = ("prompt_embeds",)
+
+    def unet_conditioning(self, conditioning: dict[str, torch.Tensor], cfg: bool) -> dict:
+        """The UNet's keyword arguments for a batch of per-sample ``conditioning`` (negatives first with CFG).
+
+        The one place a family differs in how its UNet is conditioned (SDXL adds pooled embeddings
+        and time ids); sampling, scoring and benchmarking all go through it.
+        """
+        embeds = conditioning["prompt_embeds"]
         if cfg:
-            embeds = torch.cat([self.negative_embeds(len(latents)), prompt_embeds])
+            embeds = torch.cat([self.negative_embeds(len(embeds)), embeds])
+        return {"encoder_hidden_states": embeds}
+
+    def _guided_output(self, latents, timesteps, conditioning, guidance_scale, cfg):
+        if cfg:
             model_in = torch.cat([latents, latents])
             t_in = torch.cat([timesteps, timesteps])
         else:
-            embeds, model_in, t_in = prompt_embeds, latents, timesteps
+            model_in, t_in = latents, timesteps
+        unet_kwargs = self.unet_conditioning(conditioning, cfg)
         model_in = self.scheduler.scale_model_input(model_in, t_in)
         with self._autocast():
-            output = self._denoiser(model_in, t_in, embeds).sample
+            output = self._denoiser(model_in, t_in, **unet_kwargs).sample
         output = output.float()
         if not cfg:
             return output
@@ -166,8 +180,8 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
 
     @torch.no_grad()
     def sample(self, conditioning, generator) -> Rollout:
-        prompt_embeds = conditioning["prompt_embeds"]
-        batch = prompt_embeds.shape[0]
+        conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
+        batch = conditioning["prompt_embeds"].shape[0]
         self.scheduler.set_timesteps(self.num_steps, device=self.device)
         timesteps = self.scheduler.timesteps
         size = self.resolution // self.vae_scale_factor
@@ -177,7 +191,7 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         trajectory, log_probs = [latents], []
         for t in timesteps:
             t_batch = t.expand(batch)
-            output = self._guided_output(latents, t_batch, prompt_embeds, self.guidance_scale, cfg=self.sample_cfg)
+            output = self._guided_output(latents, t_batch, conditioning, self.guidance_scale, cfg=self.sample_cfg)
             latents, log_prob = ddim_step_with_logprob(
                 self.scheduler, output, t_batch, latents, eta=self.eta, generator=generator
             )
@@ -185,7 +199,7 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
             log_probs.append(log_prob)
         chain = torch.stack(trajectory, dim=1)
         return Rollout(
-            conditioning={"prompt_embeds": prompt_embeds},
+            conditioning=conditioning,
             steps={
                 "timesteps": timesteps.expand(batch, -1).clone(),
                 "latents": chain[:, :-1],
@@ -205,7 +219,7 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         if self.scheduler.num_inference_steps != self.num_steps:
             self.scheduler.set_timesteps(self.num_steps, device=self.device)
         latents, timesteps = transitions["latents"], transitions["timesteps"]
-        output = self._guided_output(latents, timesteps, transitions["prompt_embeds"], self.guidance_scale,
+        output = self._guided_output(latents, timesteps, transitions, self.guidance_scale,
                                      cfg=self.train_cfg)
         _, log_prob, mean, std = ddim_step_with_logprob(
             self.scheduler, output, timesteps, latents, eta=self.eta, prev_sample=transitions["next_latents"],

@@ -20,6 +20,16 @@ import shutil
 _DIST_VARIABLES = ("RANK", "WORLD_SIZE")
 
 
+def any_rank(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (collective: call it on every rank)."""
+    import torch
+
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        value = accelerator.gather(value).max()
+    return bool(value.item())
+
+
 def init_from_submitit() -> bool:
     """Inside a submitit job with more than one task, export torch.distributed's ``env://`` variables.
 

@@ -105,12 +105,9 @@ class PreemptionGuard:
     # -- the epoch boundary ---------------------------------------------------------------------
     def requested(self, accelerator) -> bool:
         """Whether any rank received the signal (collective: call it on every rank)."""
-        import torch
+        from ddpo.distributed import any_rank
 
-        flag = torch.tensor([1.0 if self.received_at is not None else 0.0], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.gather(flag).max()
-        return bool(flag.item())
+        return any_rank(accelerator, self.received_at is not None)
 
     def hand_over(self) -> None:
         """After the checkpoint: give the signal to the handler that was there before, then exit.

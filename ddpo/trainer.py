@@ -27,7 +27,8 @@ from ddpo.errors import DDPOError, Interrupted
 from ddpo.logging import MetricsFile, RunTracker, log_to_files, plot_reward_curve
 from ddpo.algorithms import Algorithm
 from ddpo.pipelines.base import DDPOPipeline, Rollout
-from ddpo.seeds import derived_seed, sample_seed, shuffle_seed  # noqa: F401 (re-exported for tools and tests)
+from ddpo.distributed import any_rank
+from ddpo.seeds import shuffle_seed
 from ddpo.preemption import PreemptionGuard
 
 log = logging.getLogger(__name__)
@@ -444,14 +445,6 @@ def run_image_hook(comps: Components, image_data, global_step: int, epoch: int) 
         return f"the image hook {name} (logger.image_hook) failed at epoch {epoch}: {type(exc).__name__}: " \
                f"{' '.join(str(exc).split())[:160]}"
     return None
-
-
-def any_rank(accelerator, flag: bool) -> bool:
-    """Whether ``flag`` is true on any process (collective: call it on every rank)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        value = accelerator.gather(value).max()
-    return bool(value.item())
 
 
 # -- the loop -------------------------------------------------------------------------------------

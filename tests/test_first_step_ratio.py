@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ddpo.config import build
-from ddpo.trainer import compute_advantages, sample_epoch, shuffle_seed
+from ddpo.seeds import shuffle_seed
+from ddpo.trainer import compute_advantages, sample_epoch
 from tests.conftest import TINY, compose, read_metrics, run_in_process
 
 

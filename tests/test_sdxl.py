@@ -19,7 +19,8 @@ import torch
 from ddpo.config import build
 from ddpo.errors import ConfigError
 from ddpo.models.tiny_sdxl import build_tiny_sdxl_pipeline
-from ddpo.trainer import compute_advantages, sample_epoch, shuffle_seed
+from ddpo.seeds import shuffle_seed
+from ddpo.trainer import compute_advantages, sample_epoch
 from tests.conftest import TINY, compose, read_metrics, run_cli, run_in_process
 from tests.test_lora_export import lora_params
 from tests.test_quickstart import trend_in_standard_errors

@@ -1,6 +1,6 @@
 """Sample and shuffle seeds: distinct at paper scale, across epochs and between runs."""
 
-from ddpo.trainer import derived_seed, sample_seed, shuffle_seed
+from ddpo.seeds import derived_seed, sample_seed, shuffle_seed
 
 SEEDS, EPOCHS, PER_EPOCH = (42, 43), 200, 256  # 8 processes x 32 samples: ddpo-pytorch's aesthetic preset
 

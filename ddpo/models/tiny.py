@@ -25,6 +25,55 @@ def seeded_init(seed: int, build):
         torch.random.set_rng_state(state)
 
 
+# what the tiny SD and tiny SDXL models share (ddpo/models/tiny_sdxl.py adds SDXL's parts)
+TINY_UNET = dict(
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 16, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    mid_block_add_attention=False,
+)
+
+
+def clip_text_config(text_dim: int, **extra):
+    """A 2-layer CLIP text encoder config on the real CLIP vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=text_dim,
+        intermediate_size=4 * text_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        **extra,
+    )
+
+
+def latent_size(resolution: int) -> int:
+    """The tiny models' latent side (the VAE downsamples by 4), after checking ``model.resolution``."""
+    if resolution <= 0 or resolution % 8:
+        raise ConfigError(f"model.resolution must be a positive multiple of 8 for the tiny model (got {resolution})")
+    return resolution // 4
+
+
 def build_tiny_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32, prediction_type: str = "epsilon"):
     """Return a ``StableDiffusionPipeline`` of tiny random modules (deterministic in ``seed``).
 
@@ -32,52 +81,16 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32,
     the random weights do not depend on it.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    if resolution <= 0 or resolution % 8:
-        raise ConfigError(f"model.resolution must be a positive multiple of 8 for the tiny model (got {resolution})")
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ConfigError(f"model.prediction_type must be epsilon or v_prediction (got {prediction_type!r})")
-    latent_size = resolution // 4
+    size = latent_size(resolution)
 
     def build():
-        unet = UNet2DConditionModel(
-            sample_size=latent_size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=text_dim,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=resolution,
-            mid_block_add_attention=False,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=text_dim,
-                intermediate_size=4 * text_dim,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
+        unet = UNet2DConditionModel(sample_size=size, cross_attention_dim=text_dim, **TINY_UNET)
+        vae = AutoencoderKL(sample_size=resolution, **TINY_VAE)
+        text_encoder = CLIPTextModel(clip_text_config(text_dim))
         return unet, vae, text_encoder
 
     unet, vae, text_encoder = seeded_init(seed, build)

@@ -11,8 +11,7 @@ with SDXL's structure, so that every SDXL code path runs on a CPU in seconds:
   alpha not forced to one).
 """
 
-from ddpo.errors import ConfigError
-from ddpo.models.tiny import seeded_init
+from ddpo.models.tiny import TINY_UNET, TINY_VAE, clip_text_config, latent_size, seeded_init
 from ddpo.models.tokenizer import build_clip_tokenizer
 
 SDXL_SCHEDULER_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
@@ -35,65 +34,27 @@ SDXL_VAE_SCALING_FACTOR = 0.13025
 TIME_ID_DIM = 8  # addition_time_embed_dim: each of the 6 time ids is embedded in 8 sinusoidal features
 
 
-def _clip_config(text_dim: int, **extra):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=text_dim,
-        intermediate_size=4 * text_dim,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        **extra,
-    )
-
-
 def build_tiny_sdxl_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32, text_dim_2: int = 32):
     """Return a ``StableDiffusionXLPipeline`` of tiny random modules (deterministic in ``seed``)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if resolution <= 0 or resolution % 8:
-        raise ConfigError(f"model.resolution must be a positive multiple of 8 for the tiny model (got {resolution})")
-    latent_size = resolution // 4
+    size = latent_size(resolution)
 
     def build():
         unet = UNet2DConditionModel(
-            sample_size=latent_size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            sample_size=size,
             cross_attention_dim=text_dim + text_dim_2,
-            attention_head_dim=8,
-            norm_num_groups=8,
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=TIME_ID_DIM,
             projection_class_embeddings_input_dim=6 * TIME_ID_DIM + text_dim_2,
+            **TINY_UNET,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=resolution,
-            mid_block_add_attention=False,
-            scaling_factor=SDXL_VAE_SCALING_FACTOR,
-            force_upcast=True,
-        )
-        text_encoder = CLIPTextModel(_clip_config(text_dim))
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(text_dim_2, projection_dim=text_dim_2))
+        vae = AutoencoderKL(sample_size=resolution, scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True,
+                            **TINY_VAE)
+        text_encoder = CLIPTextModel(clip_text_config(text_dim))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(text_dim_2, projection_dim=text_dim_2))
         return unet, vae, text_encoder, text_encoder_2
 
     unet, vae, text_encoder, text_encoder_2 = seeded_init(seed, build)

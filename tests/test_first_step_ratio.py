@@ -11,9 +11,12 @@ from ddpo.trainer import compute_advantages, sample_epoch
 from tests.conftest import TINY, compose, read_metrics, run_in_process
 
 
-def first_step_losses(tmp_path, overrides):
-    """The algorithm's loss on every micro-batch of the first training batch, as train_epoch computes it."""
-    run, comps = build(compose(TINY + ["mixed_precision=no", *overrides]), str(tmp_path))
+def first_step_losses(tmp_path, overrides, base=TINY):
+    """The algorithm's loss on every micro-batch of the first training batch, as train_epoch computes it.
+
+    Returns ([(loss, stats, log prob, stored log prob, advantages), ...], components).
+    """
+    run, comps = build(compose([*base, "mixed_precision=no", *overrides]), str(tmp_path))
     with ThreadPoolExecutor(max_workers=1) as executor:
         samples = sample_epoch(comps, run, 0, executor)
     advantages, *_ = compute_advantages(comps, samples)
@@ -38,7 +41,7 @@ def first_step_losses(tmp_path, overrides):
         loss, stats = comps.algorithm.loss(pipeline, rows_batch, adv)
         log_prob, _, _ = pipeline.log_prob(rows_batch)
         results.append((loss, stats, log_prob, rows_batch["log_probs"], adv))
-    return results
+    return results, comps
 
 
 @pytest.mark.parametrize(
@@ -51,7 +54,7 @@ def first_step_losses(tmp_path, overrides):
     ],
 )
 def test_first_step_ratio_is_one(tmp_path, overrides):
-    results = first_step_losses(tmp_path, overrides)
+    results, _ = first_step_losses(tmp_path, overrides)
     assert results
     for loss, stats, log_prob, stored, adv in results:
         ratio = torch.exp(log_prob - stored)
@@ -66,7 +69,7 @@ def test_first_step_ratio_is_one(tmp_path, overrides):
 
 def test_training_without_guidance_changes_the_log_prob(tmp_path):
     """The check above can fail: scoring a guided sample without guidance gives ratio != 1."""
-    results = first_step_losses(tmp_path, ["use_lora=true", "train.cfg=false", "sample.guidance_scale=5.0"])
+    results, _ = first_step_losses(tmp_path, ["use_lora=true", "train.cfg=false", "sample.guidance_scale=5.0"])
     deviation = max(torch.abs(torch.exp(lp - stored) - 1).max().item() for _, _, lp, stored, _ in results)
     assert deviation > 1e-3
 

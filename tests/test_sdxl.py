@@ -11,7 +11,6 @@ it (and the tiny v-prediction SD model) learns JPEG compressibility, as the quic
 
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -19,9 +18,8 @@ import torch
 from ddpo.config import build
 from ddpo.errors import ConfigError
 from ddpo.models.tiny_sdxl import build_tiny_sdxl_pipeline
-from ddpo.seeds import shuffle_seed
-from ddpo.trainer import compute_advantages, sample_epoch
 from tests.conftest import TINY, compose, read_metrics, run_cli, run_in_process
+from tests.test_first_step_ratio import first_step_losses
 from tests.test_lora_export import lora_params
 from tests.test_quickstart import trend_in_standard_errors
 from tests.test_resume import assert_same_epochs
@@ -32,40 +30,9 @@ VPRED = [*BASE, "model=tiny", "model.prediction_type=v_prediction"]
 FAST = ["num_epochs=1", "train.learning_rate=1e-2"]  # one epoch visibly moves the weights
 
 
-def first_step_results(tmp_path, overrides):
-    """(log prob, stored log prob, loss, stats, advantages) of every micro-batch of the first training
-    batch, computed as train_epoch computes them (mirrors tests/test_first_step_ratio.py)."""
-    run, comps = build(compose([*overrides, "mixed_precision=no"]), str(tmp_path))
-    with ThreadPoolExecutor(max_workers=1) as executor:
-        samples = sample_epoch(comps, run, 0, executor)
-    advantages, *_ = compute_advantages(comps, samples)
-
-    accelerator, pipeline, t = comps.accelerator, comps.pipeline, run.train
-    model = accelerator.prepare(pipeline.trainable_module())
-    pipeline.use_wrapped(model)
-    model.train()
-
-    batch = samples.batch
-    n, num_steps = batch.log_probs.shape
-    trained = comps.plan.trained_timesteps
-    generator = torch.Generator().manual_seed(shuffle_seed(run.seed, 0, accelerator.process_index))
-    order = torch.randperm(n, generator=generator)
-    step_order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(n)])[:, :trained]
-    rows = order[: t.batch_size]
-    results = []
-    for start in range(0, trained, t.timesteps_per_call):
-        steps = step_order[rows, start:start + t.timesteps_per_call]
-        rows_batch = batch.transitions(rows, steps)
-        adv = advantages[rows].repeat_interleave(steps.shape[1])
-        loss, stats = comps.algorithm.loss(pipeline, rows_batch, adv)
-        log_prob, _, _ = pipeline.log_prob(rows_batch)
-        results.append((log_prob, rows_batch["log_probs"], loss, stats, adv))
-    return results, comps
-
-
 def assert_ratio_one(results):
     assert results
-    for log_prob, stored, loss, stats, adv in results:
+    for loss, stats, log_prob, stored, adv in results:
         ratio = torch.exp(log_prob - stored)
         assert torch.all(torch.abs(ratio - 1) < 1e-5), f"ratio {ratio.tolist()}"
         assert stats["approx_kl"].item() < 1e-8
@@ -136,7 +103,7 @@ def test_fp16_keeps_the_force_upcast_vae_in_float32():
     ],
 )
 def test_sdxl_first_step_ratio_is_one(tmp_path, overrides):
-    results, comps = first_step_results(tmp_path, [*SDXL, *overrides])
+    results, comps = first_step_losses(tmp_path, [*SDXL, *overrides], base=())
     assert type(comps.pipeline).__name__ == "StableDiffusionXLDDPOPipeline"
     assert_ratio_one(results)
 
@@ -272,7 +239,7 @@ def test_mismatch_on_the_command_line_is_one_line_naming_both_options(tmp_path):
 # -- v-prediction ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides", [["use_lora=true"], ["use_lora=false"]], ids=["lora", "full"])
 def test_v_prediction_first_step_ratio_is_one(tmp_path, overrides):
-    results, comps = first_step_results(tmp_path, [*VPRED, "train.cfg=true", *overrides])
+    results, comps = first_step_losses(tmp_path, [*VPRED, "train.cfg=true", *overrides], base=())
     assert comps.pipeline.scheduler.config.prediction_type == "v_prediction"
     assert_ratio_one(results)
 

@@ -59,6 +59,15 @@ class StatTrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = MISSING
+    seeds: int = MISSING
+    batch_size: int = MISSING
+    prompt: Any = None  # a prompt-set config (with _target_), or None for the training prompt set
+    rewards: Any = field(default_factory=dict)  # name -> reward config
+
+
+@dataclass
 class RunConfig:
     """Everything the loop reads (the component groups are built by ``build``)."""
 
@@ -75,6 +84,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     per_prompt_stat_tracking: StatTrackingConfig = field(default_factory=StatTrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass
@@ -160,6 +170,11 @@ def plan_batches(run: RunConfig, world_size: int = 1) -> BatchPlan:
         )
     if not 0 < t.timestep_fraction <= 1:
         raise ConfigError(f"train.timestep_fraction must be in (0, 1] (got {t.timestep_fraction})")
+    if run.eval.every < 0:
+        raise ConfigError(f"eval.every must be >= 0 (got {run.eval.every}; 0 turns evaluation off)")
+    if run.eval.every:
+        positive("eval.seeds", run.eval.seeds)
+        positive("eval.batch_size", run.eval.batch_size)
     st = run.per_prompt_stat_tracking
     if st.enabled:
         positive("per_prompt_stat_tracking.buffer_size", st.buffer_size)
@@ -305,6 +320,7 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     if pipeline.max_num_steps is not None and run.sample.num_steps > pipeline.max_num_steps:
         raise ConfigError(f"sample.num_steps={run.sample.num_steps} exceeds the scheduler's "
                           f"{pipeline.max_num_steps} training timesteps")
+    evaluator = build_evaluator(cfg, run, prompt_fn, {reward_name: reward_fn}, accelerator.device)
     hook_cfg = logger_cfg.get("image_hook")
     image_hook = _instantiate(hook_cfg, "the image hook (logger.image_hook)") if hook_cfg else None
 
@@ -342,7 +358,31 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
         run_dir=run_dir,
         plan=plan,
         run_lock=run_lock,
+        evaluator=evaluator,
     )
+
+
+def build_evaluator(cfg: DictConfig, run: RunConfig, prompt_fn, train_rewards: dict, device):
+    """The held-out evaluation of ``eval.*`` (None when ``eval.every`` is 0).
+
+    It scores the training reward under its own name plus every reward of ``eval.rewards``, on the
+    fixed prompts of ``eval.prompt`` (the training prompt set when null) x ``eval.seeds`` seeds.
+    """
+    if not run.eval.every:
+        return None
+    from ddpo.evaluation import Evaluator, eval_prompts
+
+    eval_cfg = cfg.eval
+    prompt_set = prompt_fn if eval_cfg.prompt is None else _instantiate(eval_cfg.prompt, "the evaluation prompt set (eval.prompt)")
+    rewards = dict(train_rewards)
+    for name, node in (eval_cfg.rewards or {}).items():
+        if name in rewards:
+            continue  # the training reward, listed again: scored once
+        reward = _instantiate(node, f"the evaluation reward eval.rewards.{name}")
+        if hasattr(reward, "to"):
+            reward.to(device)
+        rewards[name] = reward
+    return Evaluator(eval_prompts(prompt_set), list(range(run.eval.seeds)), rewards, run.eval.batch_size, run.eval.every)
 
 
 def _flat_config(cfg: DictConfig) -> dict:

@@ -13,6 +13,7 @@ from ddpo.errors import DDPOError
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"  # one line per evaluation (eval.every): "epoch" is the number of epochs trained
 WANDB_RUN_ID_FILE = "run_id"  # in <run>/wandb/
 
 
@@ -23,8 +24,8 @@ class MetricsFile:
     last line (the process died while writing it) is dropped with a warning when read.
     """
 
-    def __init__(self, directory: str):
-        self.path = os.path.join(directory, METRICS_FILE)
+    def __init__(self, directory: str, name: str = METRICS_FILE):
+        self.path = os.path.join(directory, name)
 
     def read(self) -> list[dict]:
         if not os.path.exists(self.path):
@@ -68,10 +69,20 @@ def log_to_files(message: str) -> None:
             handler.flush()
 
 
+def finite_json(value):
+    """``value`` with every NaN or infinity (at any depth) replaced by None: standard JSON can hold it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def strict_json(record: dict) -> str:
-    """``record`` as one line of standard JSON: NaN and infinities become null."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    return json.dumps(clean, allow_nan=False)
+    """``record`` as one line of standard JSON: NaN and infinities (at any depth) become null."""
+    return json.dumps(finite_json(record), allow_nan=False)
 
 
 def to_pil(image):

@@ -26,6 +26,8 @@ __all__ = [
     "ImagenetAnimals",
     "NounsActivities",
     "FilePrompts",
+    "ShapesPrompts",
+    "shapes_eval_prompts",
     "load_asset_lines",
 ]
 
@@ -186,3 +188,53 @@ class FilePrompts(PromptSet):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={self.path!r}, n={len(self)})"
+
+
+SHAPES_SPLITS = ("train", "heldout")
+
+
+def _shapes_scenes(split: str) -> list:
+    from ddpo import shapes
+
+    if split not in SHAPES_SPLITS:
+        raise ConfigError(f"prompt.split must be one of {', '.join(SHAPES_SPLITS)} (got {split!r})")
+    return [scene for scene in shapes.all_scenes() if shapes.split(scene) == split]
+
+
+class ShapesPrompts(PromptSet):
+    """Captions of the shapes world (ddpo/shapes.py) for one split: ``train`` (RL) or ``heldout``.
+
+    The two splits are disjoint: held-out captions are exactly those that use a colour-shape
+    pairing of ``shapes.HELDOUT_PAIRS``. A draw picks a kind (single object, count of two to
+    four, relation between two objects) uniformly, then a caption of that kind uniformly.
+    Metadata: ``{"kind": ..., "split": ...}``.
+    """
+
+    def __init__(self, split: str = "train") -> None:
+        self.split = split
+        self.by_kind: dict[str, list[str]] = {}
+        for scene in _shapes_scenes(split):
+            self.by_kind.setdefault(scene.kind, []).append(scene.caption)
+        self.kinds = sorted(self.by_kind)
+
+    def __call__(self, rng: random.Random) -> tuple[str, dict[str, Any]]:
+        kind = rng.choice(self.kinds)
+        return rng.choice(self.by_kind[kind]), {"kind": kind, "split": self.split}
+
+    def __len__(self) -> int:
+        return sum(len(captions) for captions in self.by_kind.values())
+
+    def eval_prompts(self) -> list[str]:
+        return shapes_eval_prompts(self.split)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(split={self.split!r}, n={len(self)})"
+
+
+def shapes_eval_prompts(split: str = "heldout", relations: int = 16) -> list[str]:
+    """The fixed evaluation captions of a split: every single-object and counting caption and
+    ``relations`` relation captions drawn once with a fixed seed (32 captions for the held-out split)."""
+    scenes = _shapes_scenes(split)
+    counting = [s.caption for s in scenes if s.relation is None]
+    relation = [s.caption for s in scenes if s.relation is not None]
+    return counting + random.Random(0).sample(relation, min(relations, len(relation)))

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpo.errors import DDPOError, Interrupted
-from ddpo.logging import MetricsFile, RunTracker, log_to_files, plot_reward_curve
+from ddpo.logging import EVAL_FILE, MetricsFile, RunTracker, log_to_files, plot_reward_curve
 from ddpo.algorithms import Algorithm
 from ddpo.pipelines.base import DDPOPipeline, Rollout
 from ddpo.distributed import any_rank
@@ -56,6 +56,7 @@ class Components:
     run_dir: str
     plan: Any  # ddpo.config.BatchPlan
     run_lock: Any = None  # ddpo.run_lock.RunLock held by the main process, released when training ends
+    evaluator: Any = None  # ddpo.evaluation.Evaluator when eval.every > 0
 
 
 @dataclass
@@ -447,6 +448,24 @@ def run_image_hook(comps: Components, image_data, global_step: int, epoch: int) 
     return None
 
 
+def run_evaluation(comps: Components, evals: MetricsFile, state: TrainingState) -> dict[str, float]:
+    """Evaluate the current policy (``eval.*``); append it to eval.jsonl and the tracker; return its eval_* numbers."""
+    from ddpo.evaluation import flat_metrics
+
+    started = time.perf_counter()
+    summary = comps.evaluator.run(comps.pipeline, comps.accelerator)
+    values = flat_metrics(summary)
+    values["eval_time_s"] = time.perf_counter() - started
+    if comps.accelerator.is_main_process:
+        evals.append({"epoch": state.epochs_completed, "global_step": state.global_step, **values,
+                      "summary": summary})
+        comps.tracker.log(values | {"eval_epochs_trained": state.epochs_completed}, step=state.global_step)
+    shown = ", ".join(f"{k[5:]} {v:.3f}" for k, v in values.items()
+                      if not k.endswith(("_ci_low", "_ci_high", "_time_s")))
+    log.info("eval after %d epoch(s): %s (%.1fs)", state.epochs_completed, shown, values["eval_time_s"])
+    return values | {"eval_epochs_trained": state.epochs_completed}
+
+
 # -- the loop -------------------------------------------------------------------------------------
 def train(comps: Components, run) -> float | None:
     """Run (or resume) the training described by ``run``; return the last epoch's mean reward."""
@@ -487,9 +506,13 @@ def train(comps: Components, run) -> float | None:
             comps.run_lock.release()
         records = metrics.read()
         return records[-1]["reward_mean"] if records else None
+    evals = MetricsFile(comps.run_dir, EVAL_FILE)
     if accelerator.is_main_process:
         metrics.keep_epochs_before(state.epochs_completed)
+        evals.keep_epochs_before(state.epochs_completed)
     log.info("%s; %s", plan.summary(run), comps.algorithm.describe(plan.samples_per_epoch))
+    if comps.evaluator is not None and comps.evaluator.due(state.epochs_completed, run.num_epochs):
+        run_evaluation(comps, evals, state)  # the policy the first epoch starts from (the base model on a new run)
 
     last_reward = None
     executor = reward_executor(accelerator.device)
@@ -526,6 +549,8 @@ def train(comps: Components, run) -> float | None:
                 "samples_per_s": all_rewards.size / elapsed,
             }
             record.update(comps.algorithm.stats())
+            if comps.evaluator is not None and comps.evaluator.due(state.epochs_completed, run.num_epochs):
+                record.update(run_evaluation(comps, evals, state))
             last_reward = record["reward_mean"]
             hook_error = None
             if accelerator.is_main_process:

@@ -3,8 +3,12 @@
     python scripts/plot_runs.py multirun/2025-01-31/12-00-00-000000
     python scripts/plot_runs.py outputs/run_a outputs/run_b --out-dir comparisons/ --metric reward_mean
 
+    python scripts/plot_runs.py outputs/run_a --metric eval_shape_alignment_correct --metric eval_shape_proxy_mean
+
 Each argument is a run directory (it holds ``metrics.jsonl``) or a sweep directory (its job
-subdirectories hold them). A line is labelled by the job's overrides (``.hydra/overrides.yaml``)
+subdirectories hold them). ``eval_*`` metrics are read from ``eval.jsonl`` (written by
+``eval.every``; the x axis is then the number of epochs trained, 0 = the base model) and drawn
+with their 95% confidence band; ``--metric`` may be given several times (one line per run and metric). A line is labelled by the job's overrides (``.hydra/overrides.yaml``)
 that differ between the runs shown. Writes ``reward_curves.png`` and ``summary.csv`` (one row per
 job: its final and best reward) into ``--out-dir``: the sweep directory when there is one
 argument, else the working directory.
@@ -17,6 +21,7 @@ import os
 import sys
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
 OVERRIDES_FILE = os.path.join(".hydra", "overrides.yaml")
 
 
@@ -42,8 +47,10 @@ def _job_order(path: str):
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, METRICS_FILE)) as handle:
+def read_metrics(run_dir: str, metric: str = "reward_mean") -> list[dict]:
+    """The run's records that hold ``metric``: eval.jsonl for ``eval_*`` metrics when it exists."""
+    name = EVAL_FILE if metric.startswith("eval_") and os.path.isfile(os.path.join(run_dir, EVAL_FILE)) else METRICS_FILE
+    with open(os.path.join(run_dir, name)) as handle:
         records = [json.loads(line) for line in handle if line.strip()]
     return sorted(records, key=lambda r: r["epoch"])
 
@@ -81,7 +88,7 @@ def summarise(run: str, label: str, items: list[str], records: list[dict], metri
     }
 
 
-def plot(series: list[tuple[str, list[dict]]], metric: str, path: str) -> None:
+def plot(series: list[tuple[str, list[dict], str]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,8 +97,9 @@ def plot(series: list[tuple[str, list[dict]]], metric: str, path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, records in series:
-        records = [r for r in records if metric in r]
+    metrics = list(dict.fromkeys(metric for _, _, metric in series))
+    for label, records, metric in series:
+        records = [r for r in records if r.get(metric) is not None]
         if not records:
             continue
         epochs = np.array([r["epoch"] for r in records])
@@ -101,9 +109,16 @@ def plot(series: list[tuple[str, list[dict]]], metric: str, path: str) -> None:
         if metric == "reward_mean":
             std = np.array([r.get("reward_std", 0.0) for r in records])
             ax.fill_between(epochs, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        elif all(r.get(metric + "_ci_low") is not None for r in records):
+            low = np.array([r[metric + "_ci_low"] for r in records])
+            high = np.array([r[metric + "_ci_high"] for r in records])
+            ax.fill_between(epochs, low, high, alpha=0.2, color=line.get_color())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("reward (mean ± std)" if metric == "reward_mean" else metric)
+    evals = all(m.startswith("eval_") for m in metrics)
+    ax.set_xlabel("epochs trained" if evals else "epoch")
+    if len(metrics) == 1:
+        ax.set_ylabel("reward (mean ± std)" if metrics[0] == "reward_mean" else
+                      metrics[0] + (" (95% CI)" if evals else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -115,19 +130,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="sweep directories and/or run directories")
     parser.add_argument("--out-dir", help="where to write reward_curves.png and summary.csv")
-    parser.add_argument("--metric", default="reward_mean", help="the metrics.jsonl key to plot (default reward_mean)")
+    parser.add_argument("--metric", action="append", help="a metrics.jsonl (or eval.jsonl, for eval_*) key to plot; "
+                        "repeat for several (default reward_mean)")
+    parser.add_argument("--out", help="the PNG to write (default <out-dir>/reward_curves.png)")
     args = parser.parse_args(argv)
+    metrics = args.metric or ["reward_mean"]
 
     runs = find_runs(args.paths)
     out_dir = args.out_dir or (args.paths[0] if len(args.paths) == 1 else os.getcwd())
     os.makedirs(out_dir, exist_ok=True)
     overrides = [read_overrides(run) for run in runs]
     labels = labels_for(runs, overrides)
-    records = [read_metrics(run) for run in runs]
-
-    png = os.path.join(out_dir, "reward_curves.png")
-    plot(list(zip(labels, records)), args.metric, png)
-    rows = [summarise(run, label, items, recs, args.metric)
+    series = [(label if len(metrics) == 1 else f"{label} {metric}" if len(runs) > 1 else metric,
+               read_metrics(run, metric), metric) for run, label in zip(runs, labels) for metric in metrics]
+    missing = [metric for metric in metrics if not any(r.get(metric) is not None for _, recs, m in series if m == metric
+                                                       for r in recs)]
+    if missing:
+        raise SystemExit(f"error: no run has {', '.join(missing)} (eval_* metrics need eval.every > 0)")
+    png = args.out or os.path.join(out_dir, "reward_curves.png")
+    plot(series, png)
+    metric = metrics[0]
+    records = [read_metrics(run, metric) for run in runs]
+    rows = [summarise(run, label, items, recs, metric)
             for run, label, items, recs in zip(runs, labels, overrides, records)]
     table = os.path.join(out_dir, "summary.csv")
     with open(table, "w", newline="") as handle:
@@ -135,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     for row in rows:
-        print(f"{row['label']}: {row['epochs']} epochs, final {args.metric} {row[f'final_{args.metric}']}")
+        print(f"{row['label']}: {row['epochs']} records, final {metric} {row[f'final_{metric}']}")
     print(f"wrote {png} and {table}")
     return 0
 

@@ -23,6 +23,7 @@ KNOWN_LOADERS = {
     "ddpo.models.sd15_architecture": ("seed", "resolution"),
     "ddpo.models.load_stable_diffusion_xl": ("path", "revision", "variant"),
     "ddpo.models.tiny_sdxl_model": ("path", "seed", "resolution"),
+    "ddpo.models.tiny_shapes_model": ("path", "resolution"),
 }
 
 

@@ -85,3 +85,21 @@ def sd15_architecture(seed: int = 0, resolution: int = 512):
     from ddpo.models.sd15_arch import build_sd15_architecture
 
     return build_sd15_architecture(seed=seed, resolution=resolution)
+
+
+def tiny_shapes_dir():
+    """The shipped tiny shapes model (``scripts/pretrain_tiny.py``): package data in ``ddpo/assets``."""
+    from importlib import resources
+    from pathlib import Path
+
+    return Path(str(resources.files("ddpo.assets").joinpath("tiny_shapes")))
+
+
+def tiny_shapes_model(path: str | None = None, resolution: int = 32):
+    """The pretrained tiny shapes model: a ``StableDiffusionPipeline`` loaded from safetensors files
+    with no network (``path``: another directory written by ``scripts/pretrain_tiny.py``)."""
+    directory = path or str(tiny_shapes_dir())
+    if not path and not os.path.isfile(os.path.join(directory, "model_index.json")):
+        raise ConfigError(f"the shipped tiny shapes model is missing from {directory} "
+                          "(python scripts/pretrain_tiny.py writes it)")
+    return load_stable_diffusion(directory)

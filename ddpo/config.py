@@ -302,6 +302,7 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     reward_fn = _instantiate(cfg.reward, "the reward (reward=...)")
     if hasattr(reward_fn, "to"):
         reward_fn.to(accelerator.device)  # in the reward's own dtype (reward.dtype), not the run's mixed precision
+    check_reward_prompts(reward_fn, prompt_fn, reward_name)
     from accelerate.utils import set_seed
 
     set_seed(run.seed)  # LoRA's random init, and anything else drawn from the global generators
@@ -362,6 +363,18 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     )
 
 
+def check_reward_prompts(reward_fn, prompt_fn, name: str) -> None:
+    """Let a reward refuse the prompt set before anything is sampled (e.g. shape_alignment needs shapes captions)."""
+    import random
+
+    if hasattr(reward_fn, "check_prompts"):
+        rng = random.Random(0)
+        try:
+            reward_fn.check_prompts([prompt_fn(rng)[0] for _ in range(8)])
+        except ConfigError as exc:
+            raise ConfigError(f"reward={name} cannot score this prompt set: {exc}") from None
+
+
 def build_evaluator(cfg: DictConfig, run: RunConfig, prompt_fn, train_rewards: dict, device):
     """The held-out evaluation of ``eval.*`` (None when ``eval.every`` is 0).
 
@@ -382,6 +395,8 @@ def build_evaluator(cfg: DictConfig, run: RunConfig, prompt_fn, train_rewards: d
         if hasattr(reward, "to"):
             reward.to(device)
         rewards[name] = reward
+    for name, reward in rewards.items():
+        check_reward_prompts(reward, prompt_set, f"{name} (in evaluation)")
     return Evaluator(eval_prompts(prompt_set), list(range(run.eval.seeds)), rewards, run.eval.batch_size, run.eval.every)
 
 

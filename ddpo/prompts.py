@@ -206,15 +206,21 @@ class ShapesPrompts(PromptSet):
 
     The two splits are disjoint: held-out captions are exactly those that use a colour-shape
     pairing of ``shapes.HELDOUT_PAIRS``. A draw picks a kind (single object, count of two to
-    four, relation between two objects) uniformly, then a caption of that kind uniformly.
-    Metadata: ``{"kind": ..., "split": ...}``.
+    four, relation between two objects) uniformly among ``kinds`` (default all three), then a
+    caption of that kind uniformly. Metadata: ``{"kind": ..., "split": ...}``.
     """
 
-    def __init__(self, split: str = "train") -> None:
+    def __init__(self, split: str = "train", kinds: list[str] | None = None) -> None:
         self.split = split
         self.by_kind: dict[str, list[str]] = {}
         for scene in _shapes_scenes(split):
             self.by_kind.setdefault(scene.kind, []).append(scene.caption)
+        if kinds is not None:
+            unknown = sorted(set(kinds) - set(self.by_kind))
+            if unknown or not kinds:
+                raise ConfigError(f"prompt.kinds must be a non-empty list of {', '.join(sorted(self.by_kind))} "
+                                  f"(got {list(kinds)})")
+            self.by_kind = {kind: self.by_kind[kind] for kind in kinds}
         self.kinds = sorted(self.by_kind)
 
     def __call__(self, rng: random.Random) -> tuple[str, dict[str, Any]]:

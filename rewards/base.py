@@ -25,6 +25,10 @@ class Reward:
     def __call__(self, images, prompts, metadata):
         raise NotImplementedError
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise ``ConfigError`` if this reward cannot score these prompts (called with a few
+        prompts of the run's prompt set before anything is sampled); most rewards take any prompt."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

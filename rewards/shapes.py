@@ -140,6 +140,9 @@ class ShapeAlignment(Reward):
 
     name = "shape_alignment"
 
+    def check_prompts(self, prompts):
+        _scenes(prompts, self.name)
+
     def __call__(self, images, prompts, metadata):
         from ddpo import shapes
 
@@ -162,6 +165,9 @@ class ShapeProxy(ModelReward):
     def __init__(self, path: str | None = None, dtype="fp32"):
         super().__init__(dtype)
         self.model = load_scorer(Path(path).expanduser() if path else default_scorer_dir())
+
+    def check_prompts(self, prompts):
+        _scenes(prompts, self.name)
 
     def __call__(self, images, prompts, metadata):
         import torch

@@ -36,6 +36,9 @@ CASES = {
     "eta_zero": (["sample.eta=0"], ["sample.eta", "> 0"]),
     "guidance_below_one": (["sample.guidance_scale=0.5"], ["sample.guidance_scale", ">= 1", "0.5"]),
     "added_unknown_key": (["+no_such_key=1"], ["no_such_key"]),
+    "eval_every_negative": (["eval.every=-1"], ["eval.every", ">= 0"]),
+    "eval_seeds_zero": (["eval.every=1", "eval.seeds=0"], ["eval.seeds", "> 0"]),
+    "shapes_reward_on_animal_prompts": (["reward=shape_alignment"], ["shape_alignment", "shapes grammar"]),
     # NaN passes every "x <= 0" check: non-finite numbers are refused by name
     "eta_nan": (["sample.eta=nan"], ["sample.eta", "finite", "nan"]),
     "guidance_nan": (["sample.guidance_scale=nan"], ["sample.guidance_scale", "finite"]),

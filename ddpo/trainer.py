@@ -448,6 +448,12 @@ def run_image_hook(comps: Components, image_data, global_step: int, epoch: int) 
     return None
 
 
+def finite_mean(values: np.ndarray) -> float | None:
+    """The mean of the finite entries (a reward's NaN info entry means "does not apply"); None if there are none."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
 def run_evaluation(comps: Components, evals: MetricsFile, state: TrainingState) -> dict[str, float]:
     """Evaluate the current policy (``eval.*``); append it to eval.jsonl and the tracker; return its eval_* numbers."""
     from ddpo.evaluation import flat_metrics
@@ -539,7 +545,7 @@ def train(comps: Components, run) -> float | None:
                 "reward_mean": float(all_rewards.mean()),
                 "reward_std": float(all_rewards.std()),
                 "num_samples": int(all_rewards.size),
-                **{f"reward_{k}_mean": float(v.mean()) for k, v in all_info.items()},
+                **{f"reward_{k}_mean": finite_mean(v) for k, v in all_info.items()},
                 **train_stats,
                 "sample_time_s": samples.sample_s,
                 "reward_time_s": samples.reward_s,
@@ -555,7 +561,7 @@ def train(comps: Components, run) -> float | None:
             hook_error = None
             if accelerator.is_main_process:
                 metrics.append(record)
-                comps.tracker.log({k: v for k, v in record.items() if k != "epoch"} | {"epoch": epoch},
+                comps.tracker.log({k: v for k, v in record.items() if k != "epoch" and v is not None} | {"epoch": epoch},
                                   step=state.global_step)
                 comps.tracker.log_epoch_rewards(all_rewards, all_prompts, step=state.global_step, epoch=epoch)
                 hook_error = run_image_hook(comps, samples.batch_images, state.global_step, epoch)

@@ -87,7 +87,7 @@ def test_eval_every_logs_what_evaluate_reports_for_the_same_weights(tmp_path):
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["weights"].endswith("checkpoint_2")
+    assert summary["weights"].endswith("checkpoint_00002")
     for label, logged in (("base", evals[0]), ("trained", evals[1])):
         reported = flat_metrics(summary[label])
         for key, value in reported.items():
@@ -121,3 +121,10 @@ def test_evaluate_refuses_code_in_a_run_config(tmp_path):
     assert done.returncode != 0
     assert "not a class of this project" in done.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def test_reward_info_means_leave_out_what_does_not_apply():
+    from ddpo.trainer import finite_mean
+
+    assert finite_mean(np.array([1.0, math.nan, 0.0])) == 0.5  # before: NaN, written as null
+    assert finite_mean(np.array([math.nan, math.nan])) is None

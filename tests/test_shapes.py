@@ -46,6 +46,11 @@ def test_prompt_sets_draw_only_their_split():
     assert all(shapes.split(shapes.parse(p)) == "heldout" for p in prompts)
     with pytest.raises(ConfigError, match="prompt.split"):
         ShapesPrompts("test")
+    hard = ShapesPrompts("train", kinds=["counting", "relation"])
+    assert {shapes.parse(hard(rng)[0]).kind for _ in range(500)} == {"counting", "relation"}
+    assert len(hard) == 24 + 192
+    with pytest.raises(ConfigError, match="prompt.kinds"):
+        ShapesPrompts("train", kinds=["pairs"])
 
 
 def test_checker_is_exact_on_renders():

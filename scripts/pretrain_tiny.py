@@ -18,8 +18,9 @@ initial weights and the batches follow from ``--seed``. The stages:
    the settings and wall times to ``pretrain.json`` next to the weights.
 
 The result is a standard diffusers ``StableDiffusionPipeline`` folder (``save_pretrained``,
-safetensors) plus ``scorer/``. The defaults fit in about 45 minutes on 2 CPU cores; on a GPU the
-same command takes a few minutes.
+safetensors) plus ``scorer/``. The defaults take about 43 minutes on 2 CPU cores. A GPU helps less
+than one would think at this size: on an H100 a UNet step took 80 ms (launch- and Python-bound)
+against 270 ms on the CPU.
 """
 
 from __future__ import annotations

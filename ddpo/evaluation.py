@@ -41,15 +41,7 @@ class EvalResult:
     summary: dict
 
     def metrics(self, prefix: str = "eval_") -> dict[str, float]:
-        """Flat numbers for metrics.jsonl and trackers: ``eval_<reward>_mean``, ``eval_<reward>_<info>``,
-        ``eval_diversity`` (and their ``_ci_low`` / ``_ci_high`` bounds)."""
-        flat = {}
-        for name, stats in self.summary["scores"].items():
-            key = prefix + name.replace("/", "_") + ("" if "/" in name else "_mean")
-            flat[key] = stats["mean"]
-            flat[key + "_ci_low"], flat[key + "_ci_high"] = stats["ci95"]
-        flat[prefix + "diversity"] = self.summary["diversity"]["mean"]
-        return flat
+        return flat_metrics(self.summary, prefix)
 
 
 def generate(pipeline, pairs: list[tuple[int, str, int]], batch_size: int) -> torch.Tensor:
@@ -208,8 +200,15 @@ def summarise_parts(parts: list[dict], prompts: list[str], seeds: list[int]) -> 
 
 
 def flat_metrics(summary: dict, prefix: str = "eval_") -> dict[str, float]:
-    """``EvalResult.metrics`` for a bare summary."""
-    return EvalResult([], [], torch.empty(0), {}, summary).metrics(prefix)
+    """Flat numbers of a summary for metrics.jsonl and trackers: ``eval_<reward>_mean``,
+    ``eval_<reward>_<info>``, ``eval_diversity`` (and their ``_ci_low`` / ``_ci_high`` bounds)."""
+    flat = {}
+    for name, stats in summary["scores"].items():
+        key = prefix + name.replace("/", "_") + ("" if "/" in name else "_mean")
+        flat[key] = stats["mean"]
+        flat[key + "_ci_low"], flat[key + "_ci_high"] = stats["ci95"]
+    flat[prefix + "diversity"] = summary["diversity"]["mean"]
+    return flat
 
 
 def comparison_grid(rows: list[tuple[str, list, list]], tile: int = 96):

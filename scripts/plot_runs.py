@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     png = args.out or os.path.join(out_dir, "reward_curves.png")
     plot(series, png)
     metric = metrics[0]
-    records = [read_metrics(run, metric) for run in runs]
+    records = [recs for _, recs, m in series if m == metric]  # one per run, in run order
     rows = [summarise(run, label, items, recs, metric)
             for run, label, items, recs in zip(runs, labels, overrides, records)]
     table = os.path.join(out_dir, "summary.csv")

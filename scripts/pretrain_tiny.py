@@ -290,12 +290,9 @@ def evaluate_pipeline(pipe, args, device) -> dict:
             results["correct"].append(verdict.correct)
             for name, value in verdict.attributes.items():
                 results[name].append(value)
-    summary = {}
-    for name, values in results.items():
-        p = float(np.mean(values))
-        half = 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / len(values))
-        summary[name] = {"mean": p, "ci95": [p - half, p + half], "n": len(values)}
-    return summary
+    from ddpo.evaluation import interval
+
+    return {name: interval(np.array(values, dtype=float)) for name, values in results.items()}
 
 
 def main(argv=None) -> int:

@@ -36,20 +36,11 @@ def lora_params(unet):
     return found
 
 
-@pytest.mark.parametrize("where", ["final", "checkpoints/checkpoint_00001"])
-def test_lora_export_loads_with_load_lora_weights(tmp_path, where):
-    """``final/`` and every checkpoint load with load_lora_weights and reproduce the trained policy."""
-    _, comps = run_in_process(tmp_path, FAST + ["use_lora=true"])
-    final = tmp_path / where
-    assert (final / "pytorch_lora_weights.safetensors").is_file()
-
-    trained_unet = comps.pipeline.unet
+def assert_lora_export_reproduces(pipe, export_dir, trained_unet, unet_output) -> None:
+    """``pipe.load_lora_weights(export_dir)`` holds exactly the trained adapter and reproduces the trained UNet."""
     trained = lora_params(trained_unet)
-    assert trained, "the trained UNet has no LoRA parameters"
-
-    pipe = build_tiny_pipeline(seed=0)
     base = unet_output(pipe.unet)
-    pipe.load_lora_weights(str(final))
+    pipe.load_lora_weights(str(export_dir))
     loaded = lora_params(pipe.unet)
 
     assert set(loaded) == set(trained)
@@ -62,6 +53,20 @@ def test_lora_export_loads_with_load_lora_weights(tmp_path, where):
     # the exported adapter reproduces the trained policy exactly (same scale, same base weights)
     trained_unet.eval()
     torch.testing.assert_close(with_lora, unet_output(trained_unet), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["final", "checkpoints/checkpoint_00001"])
+def test_lora_export_loads_with_load_lora_weights(tmp_path, where):
+    """``final/`` and every checkpoint load with load_lora_weights and reproduce the trained policy."""
+    _, comps = run_in_process(tmp_path, FAST + ["use_lora=true"])
+    final = tmp_path / where
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+
+    trained_unet = comps.pipeline.unet
+    trained = lora_params(trained_unet)
+    assert trained, "the trained UNet has no LoRA parameters"
+
+    assert_lora_export_reproduces(build_tiny_pipeline(seed=0), final, trained_unet, unet_output)
 
 
 @pytest.mark.parametrize("where", ["final", "checkpoints/checkpoint_00001"])

@@ -20,7 +20,7 @@ from ddpo.errors import ConfigError
 from ddpo.models.tiny_sdxl import build_tiny_sdxl_pipeline
 from tests.conftest import TINY, compose, read_metrics, run_cli, run_in_process
 from tests.test_first_step_ratio import first_step_losses
-from tests.test_lora_export import lora_params
+from tests.test_lora_export import assert_lora_export_reproduces, lora_params
 from tests.test_quickstart import trend_in_standard_errors
 from tests.test_resume import assert_same_epochs
 
@@ -116,18 +116,7 @@ def test_sdxl_lora_export_loads_with_load_lora_weights(tmp_path):
     trained = lora_params(trained_unet)
     assert trained
 
-    pipe = build_tiny_sdxl_pipeline(seed=0)
-    base = unet_output(pipe.unet)
-    pipe.load_lora_weights(str(tmp_path / "final"))
-    loaded = lora_params(pipe.unet)
-    assert set(loaded) == set(trained)
-    for key in trained:
-        torch.testing.assert_close(loaded[key], trained[key].float(), rtol=0, atol=0, msg=key)
-    assert max(trained[k].abs().max().item() for k in trained if ".lora_B." in k) > 0
-    with_lora = unet_output(pipe.unet)
-    assert (with_lora - base).abs().max().item() > 1e-4
-    trained_unet.eval()
-    torch.testing.assert_close(with_lora, unet_output(trained_unet), rtol=1e-5, atol=1e-5)
+    assert_lora_export_reproduces(build_tiny_sdxl_pipeline(seed=0), tmp_path / "final", trained_unet, unet_output)
 
 
 def test_sdxl_full_finetune_exports_the_unet(tmp_path):

@@ -1,14 +1,15 @@
 """Fine-tune a text-to-image diffusion model with DDPO.
 
-    python train.py reward=jpeg_compressibility prompt=animals
-    python train.py experiment=tiny_compressibility          # CPU quick start
-    python train.py --help                                   # config groups and options
+python train.py reward=jpeg_compressibility prompt=animals
+python train.py experiment=tiny_compressibility          # CPU quick start
+python train.py --help                                   # config groups and options
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from ddpo.config import main as run, register_configs
+from ddpo.config import main as run
+from ddpo.config import register_configs
 
 register_configs()
 

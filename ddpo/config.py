@@ -9,7 +9,7 @@ import enum
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -74,8 +74,8 @@ class RunConfig:
     seed: int = MISSING
     num_epochs: int = MISSING
     save_freq: int = MISSING
-    checkpoints_total_limit: Optional[int] = MISSING
-    resume_from: Optional[str] = MISSING
+    checkpoints_total_limit: int | None = MISSING
+    resume_from: str | None = MISSING
     preemption_grace_s: float = MISSING
     mixed_precision: MixedPrecision = MISSING
     allow_tf32: bool = MISSING
@@ -149,8 +149,15 @@ def plan_batches(run: RunConfig, world_size: int = 1) -> BatchPlan:
 
     for key in ("num_steps", "batch_size", "num_batches_per_epoch"):
         positive(f"sample.{key}", getattr(s, key))
-    for key in ("batch_size", "gradient_accumulation_steps", "num_inner_epochs", "timesteps_per_call",
-                "max_grad_norm", "clip_range", "adv_clip_max"):
+    for key in (
+        "batch_size",
+        "gradient_accumulation_steps",
+        "num_inner_epochs",
+        "timesteps_per_call",
+        "max_grad_norm",
+        "clip_range",
+        "adv_clip_max",
+    ):
         positive(f"train.{key}", getattr(t, key))
     if t.learning_rate < 0:
         raise ConfigError(f"train.learning_rate must be >= 0 (got {t.learning_rate})")
@@ -213,8 +220,9 @@ def run_config(cfg: DictConfig) -> RunConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
     except ConfigKeyError as exc:  # a key added with +key=value that the schema does not know
-        raise ConfigError(f"unknown config key {exc.full_key!r} (check its spelling; python train.py --cfg job "
-                          "lists every key)") from None
+        raise ConfigError(
+            f"unknown config key {exc.full_key!r} (check its spelling; python train.py --cfg job lists every key)"
+        ) from None
     return OmegaConf.to_object(merged)
 
 
@@ -319,8 +327,10 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
         resolution=cfg.model.get("resolution"),
     )
     if pipeline.max_num_steps is not None and run.sample.num_steps > pipeline.max_num_steps:
-        raise ConfigError(f"sample.num_steps={run.sample.num_steps} exceeds the scheduler's "
-                          f"{pipeline.max_num_steps} training timesteps")
+        raise ConfigError(
+            f"sample.num_steps={run.sample.num_steps} exceeds the scheduler's "
+            f"{pipeline.max_num_steps} training timesteps"
+        )
     evaluator = build_evaluator(cfg, run, prompt_fn, {reward_name: reward_fn}, accelerator.device)
     hook_cfg = logger_cfg.get("image_hook")
     image_hook = _instantiate(hook_cfg, "the image hook (logger.image_hook)") if hook_cfg else None
@@ -386,7 +396,11 @@ def build_evaluator(cfg: DictConfig, run: RunConfig, prompt_fn, train_rewards: d
     from ddpo.evaluation import Evaluator, eval_prompts
 
     eval_cfg = cfg.eval
-    prompt_set = prompt_fn if eval_cfg.prompt is None else _instantiate(eval_cfg.prompt, "the evaluation prompt set (eval.prompt)")
+    prompt_set = (
+        prompt_fn
+        if eval_cfg.prompt is None
+        else _instantiate(eval_cfg.prompt, "the evaluation prompt set (eval.prompt)")
+    )
     rewards = dict(train_rewards)
     for name, node in (eval_cfg.rewards or {}).items():
         if name in rewards:
@@ -397,7 +411,9 @@ def build_evaluator(cfg: DictConfig, run: RunConfig, prompt_fn, train_rewards: d
         rewards[name] = reward
     for name, reward in rewards.items():
         check_reward_prompts(reward, prompt_set, f"{name} (in evaluation)")
-    return Evaluator(eval_prompts(prompt_set), list(range(run.eval.seeds)), rewards, run.eval.batch_size, run.eval.every)
+    return Evaluator(
+        eval_prompts(prompt_set), list(range(run.eval.seeds)), rewards, run.eval.batch_size, run.eval.every
+    )
 
 
 def _flat_config(cfg: DictConfig) -> dict:

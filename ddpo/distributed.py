@@ -56,8 +56,12 @@ def init_from_submitit() -> bool:
     if not torch.cuda.is_available():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     logging.getLogger(__name__).info(
-        "torch.distributed from the submitit job: rank %s of %s, master %s:%s", os.environ["RANK"],
-        os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+        "torch.distributed from the submitit job: rank %s of %s, master %s:%s",
+        os.environ["RANK"],
+        os.environ["WORLD_SIZE"],
+        os.environ["MASTER_ADDR"],
+        os.environ["MASTER_PORT"],
+    )
     return True
 
 
@@ -73,8 +77,11 @@ def share_main_output(own_dir: str, run_dir: str, process_index: int) -> None:
     own_dir, run_dir = os.path.abspath(own_dir), os.path.abspath(run_dir)
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and own_dir != run_dir \
-                and os.path.dirname(handler.baseFilename) == own_dir:
+        if (
+            isinstance(handler, logging.FileHandler)
+            and own_dir != run_dir
+            and os.path.dirname(handler.baseFilename) == own_dir
+        ):
             moved = logging.FileHandler(os.path.join(run_dir, os.path.basename(handler.baseFilename)), delay=True)
             moved.setFormatter(handler.formatter)
             root.removeHandler(handler)

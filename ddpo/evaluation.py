@@ -64,8 +64,9 @@ def score(images: torch.Tensor, prompts: list[str], rewards: dict, batch_size: i
     for name, reward in rewards.items():
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            values, info = check_reward_output(name, reward(batch, prompts[start : start + batch_size],
-                                                            [{} for _ in range(len(batch))]), len(batch))
+            values, info = check_reward_output(
+                name, reward(batch, prompts[start : start + batch_size], [{} for _ in range(len(batch))]), len(batch)
+            )
             scores.setdefault(name, []).append(values.numpy())
             for key, value in info.items():
                 scores.setdefault(f"{name}/{key}", []).append(value.numpy())
@@ -105,7 +106,11 @@ def evaluate(pipeline, prompts: list[str], seeds: list[int], rewards: dict, batc
     images = generate(pipeline, [(i, p, s) for i, p in enumerate(prompts) for s in seeds], batch_size)
     image_prompts = [p for p in prompts for _ in seeds]
     scores = score(images, image_prompts, rewards, batch_size)
-    part = {"indices": list(range(len(prompts))), "scores": scores, "diversity": diversity(images, len(prompts)).tolist()}
+    part = {
+        "indices": list(range(len(prompts))),
+        "scores": scores,
+        "diversity": diversity(images, len(prompts)).tolist(),
+    }
     summary = summarise_parts([part], prompts, seeds)
     return EvalResult(image_prompts, [s for _ in prompts for s in seeds], images, scores, summary)
 
@@ -119,8 +124,10 @@ def eval_prompts(prompt_set) -> list[str]:
     for attribute in ("words", "prompts"):
         if isinstance(getattr(prompt_set, attribute, None), list):
             return list(dict.fromkeys(getattr(prompt_set, attribute)))
-    raise ConfigError(f"the evaluation prompt set {prompt_set!r} has no fixed list of prompts (eval.prompt: use "
-                      "a word list, a file, or prompt sets with eval_prompts(), such as shapes_heldout)")
+    raise ConfigError(
+        f"the evaluation prompt set {prompt_set!r} has no fixed list of prompts (eval.prompt: use "
+        "a word list, a file, or prompt sets with eval_prompts(), such as shapes_heldout)"
+    )
 
 
 def write_outputs(result: EvalResult, directory, label: str = "") -> list[str]:
@@ -188,7 +195,9 @@ def summarise_parts(parts: list[dict], prompts: list[str], seeds: list[int]) -> 
     order = sorted((index, n, part) for part in parts for n, index in enumerate(part["indices"]))
     k = len(seeds)
     names = next((list(part["scores"]) for part in parts if part["scores"]), [])
-    scores = {name: np.concatenate([part["scores"][name][n * k : (n + 1) * k] for _, n, part in order]) for name in names}
+    scores = {
+        name: np.concatenate([part["scores"][name][n * k : (n + 1) * k] for _, n, part in order]) for name in names
+    }
     per_prompt = np.array([part["diversity"][n] for _, n, part in order])
     return {
         "num_prompts": len(prompts),
@@ -231,5 +240,8 @@ def comparison_grid(rows: list[tuple[str, list, list]], tile: int = 96):
         for c, image in enumerate(base):
             grid.paste(to_pil(image).convert("RGB").resize((tile, tile), Image.NEAREST), (c * tile, y + label))
         for c, image in enumerate(trained):
-            grid.paste(to_pil(image).convert("RGB").resize((tile, tile), Image.NEAREST), (half * tile + gap + c * tile, y + label))
+            grid.paste(
+                to_pil(image).convert("RGB").resize((tile, tile), Image.NEAREST),
+                (half * tile + gap + c * tile, y + label),
+            )
     return grid

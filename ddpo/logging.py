@@ -4,7 +4,8 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,9 @@ class MetricsFile:
             except json.JSONDecodeError:
                 if number < len(lines):
                     raise DDPOError(f"{self.path} line {number} is not JSON; repair or remove that line") from None
-                log.warning("%s: dropped its last line, which was cut off (the run stopped while writing it)",
-                            self.path)
+                log.warning(
+                    "%s: dropped its last line, which was cut off (the run stopped while writing it)", self.path
+                )
         return records
 
     def keep_epochs_before(self, epoch: int) -> None:

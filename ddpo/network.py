@@ -38,8 +38,9 @@ def work_offline_unless_hub_reachable() -> bool:
     reason = unreachable(constants.ENDPOINT)
     if reason is None:
         return False
-    log.warning("the Hugging Face Hub is not reachable (%s): using the local cache only, as with HF_HUB_OFFLINE=1",
-                reason)
+    log.warning(
+        "the Hugging Face Hub is not reachable (%s): using the local cache only, as with HF_HUB_OFFLINE=1", reason
+    )
     os.environ["HF_HUB_OFFLINE"] = "1"  # read by this project's loaders
     constants.HF_HUB_OFFLINE = True  # read by huggingface_hub, transformers, diffusers and open_clip at call time
     return True

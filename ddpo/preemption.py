@@ -85,12 +85,18 @@ class PreemptionGuard:
             self._timer = threading.Timer(self.grace_s, self._grace_over)
             self._timer.daemon = True
             self._timer.start()
-        log.warning("received %s: saving a checkpoint at the end of this epoch (within %.0f s)",
-                    signal.Signals(signum).name, self.grace_s)
+        log.warning(
+            "received %s: saving a checkpoint at the end of this epoch (within %.0f s)",
+            signal.Signals(signum).name,
+            self.grace_s,
+        )
 
     def _grace_over(self) -> None:
-        log.warning("the epoch did not end within %.0f s of %s: handing it over without a checkpoint",
-                    self.grace_s, signal.Signals(self.signum).name)
+        log.warning(
+            "the epoch did not end within %.0f s of %s: handing it over without a checkpoint",
+            self.grace_s,
+            signal.Signals(self.signum).name,
+        )
         self._forwarding = True
         _thread.interrupt_main(self.signum)  # runs _handle in the main thread
 

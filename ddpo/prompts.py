@@ -44,13 +44,10 @@ def load_asset_lines(name: str) -> list[str]:
     resource = importlib.resources.files(_ASSET_PACKAGE).joinpath(name)
     if not resource.is_file():
         available = sorted(
-            entry.name
-            for entry in importlib.resources.files(_ASSET_PACKAGE).iterdir()
-            if entry.name.endswith(".txt")
+            entry.name for entry in importlib.resources.files(_ASSET_PACKAGE).iterdir() if entry.name.endswith(".txt")
         )
         raise ConfigError(
-            f"word list {name!r} is not in the package data ddpo/assets "
-            f"(available: {', '.join(available)})"
+            f"word list {name!r} is not in the package data ddpo/assets (available: {', '.join(available)})"
         )
     lines = _parse_lines(resource.read_text(encoding="utf-8"))
     if not lines:
@@ -71,12 +68,10 @@ class PromptSet(abc.ABC):
     """
 
     @abc.abstractmethod
-    def __call__(self, rng: random.Random) -> tuple[str, dict[str, Any]]:
-        ...
+    def __call__(self, rng: random.Random) -> tuple[str, dict[str, Any]]: ...
 
     @abc.abstractmethod
-    def __len__(self) -> int:
-        ...
+    def __len__(self) -> int: ...
 
 
 class WordListPrompts(PromptSet):
@@ -158,13 +153,9 @@ class FilePrompts(PromptSet):
             with open(self.path, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
-            raise ConfigError(
-                f"prompt file not found: {self.path} (set prompt.path)"
-            ) from None
+            raise ConfigError(f"prompt file not found: {self.path} (set prompt.path)") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(
-                f"cannot read prompt file {self.path} (prompt.path): {e}"
-            ) from None
+            raise ConfigError(f"cannot read prompt file {self.path} (prompt.path): {e}") from None
         for number, line in enumerate(text.split("\n"), start=1):
             bad = next((c for c in line.rstrip("\r") if c != "\t" and unicodedata.category(c) == "Cc"), None)
             if bad is not None:
@@ -174,9 +165,7 @@ class FilePrompts(PromptSet):
                 )
         self.prompts: list[str] = _parse_lines(text)
         if not self.prompts:
-            raise ConfigError(
-                f"prompt file {self.path} (prompt.path) contains no prompts"
-            )
+            raise ConfigError(f"prompt file {self.path} (prompt.path) contains no prompts")
 
     def __call__(self, rng: random.Random) -> tuple[str, dict[str, Any]]:
         # Drawn over lines, so a prompt repeated in the file is drawn more often.
@@ -218,8 +207,9 @@ class ShapesPrompts(PromptSet):
         if kinds is not None:
             unknown = sorted(set(kinds) - set(self.by_kind))
             if unknown or not kinds:
-                raise ConfigError(f"prompt.kinds must be a non-empty list of {', '.join(sorted(self.by_kind))} "
-                                  f"(got {list(kinds)})")
+                raise ConfigError(
+                    f"prompt.kinds must be a non-empty list of {', '.join(sorted(self.by_kind))} (got {list(kinds)})"
+                )
             self.by_kind = {kind: self.by_kind[kind] for kind in kinds}
         self.kinds = sorted(self.by_kind)
 

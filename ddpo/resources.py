@@ -38,10 +38,11 @@ def plan_slots(num_jobs: int, gpus, gpus_per_node, cores: int, cpus_per_task=Non
     tasks = max(1, tasks_per_node or 1)
     if gpus and gpus_per_node:
         if gpus_per_node > len(gpus):
-            raise ConfigError(f"hydra.launcher.gpus_per_node={gpus_per_node}, but this machine shows "
-                              f"{len(gpus)} GPU(s)")
+            raise ConfigError(
+                f"hydra.launcher.gpus_per_node={gpus_per_node}, but this machine shows {len(gpus)} GPU(s)"
+            )
         count = max(1, min(num_jobs, len(gpus) // gpus_per_node))
-        devices = [tuple(gpus[k * gpus_per_node:(k + 1) * gpus_per_node]) for k in range(count)]
+        devices = [tuple(gpus[k * gpus_per_node : (k + 1) * gpus_per_node]) for k in range(count)]
     else:
         count = max(1, min(num_jobs, cores // ((cpus_per_task or 1) * tasks)))
         devices = [()] * count
@@ -124,6 +125,10 @@ def limit_threads(environ=os.environ) -> int | None:
     rank = environ.get("RANK") or environ.get("SUBMITIT_LOCAL_GLOBALID") or environ.get("SLURM_PROCID") or "0"
     if rank == "0":  # one line per job, not per process
         gpus = environ.get("CUDA_VISIBLE_DEVICES")
-        log.info("job resources: GPUs %s, %d torch thread(s) per process (%s)",
-                 "all" if gpus is None else gpus or "none (CPU)", threads, source)
+        log.info(
+            "job resources: GPUs %s, %d torch thread(s) per process (%s)",
+            "all" if gpus is None else gpus or "none (CPU)",
+            threads,
+            source,
+        )
     return threads

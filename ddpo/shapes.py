@@ -118,7 +118,9 @@ def parse(caption: str) -> Scene:
         if len(words) == 6 + len(rel) and words[3 : 3 + len(rel)] == rel:
             first, second = phrase(words[:3]), phrase(words[3 + len(rel) :])
             if first.count != 1 or second.count != 1 or first.colour == second.colour:
-                raise ValueError(f"not a shapes caption (relations hold between single objects of two colours): {caption!r}")
+                raise ValueError(
+                    f"not a shapes caption (relations hold between single objects of two colours): {caption!r}"
+                )
             return Scene((first, second), relation)
     raise ValueError(f"not a shapes caption: {caption!r}")
 
@@ -198,8 +200,12 @@ class Placed:
 
 
 def _separated(a: Placed, b: Placed, gap: int) -> bool:
-    return (a.x0 + a.side + gap <= b.x0 or b.x0 + b.side + gap <= a.x0
-            or a.y0 + a.side + gap <= b.y0 or b.y0 + b.side + gap <= a.y0)
+    return (
+        a.x0 + a.side + gap <= b.x0
+        or b.x0 + b.side + gap <= a.x0
+        or a.y0 + a.side + gap <= b.y0
+        or b.y0 + b.side + gap <= a.y0
+    )
 
 
 def relation_holds(relation: str, first: tuple[float, float], second: tuple[float, float]) -> bool:
@@ -217,8 +223,14 @@ def relation_holds(relation: str, first: tuple[float, float], second: tuple[floa
     raise ValueError(f"unknown relation {relation!r}")
 
 
-def layout(scene: Scene, rng: random.Random, size: int = 32, min_side: int | None = None,
-           max_side: int | None = None, gap: int = 2) -> list[Placed]:
+def layout(
+    scene: Scene,
+    rng: random.Random,
+    size: int = 32,
+    min_side: int | None = None,
+    max_side: int | None = None,
+    gap: int = 2,
+) -> list[Placed]:
     """Random non-overlapping placements of the scene's objects (relations hold with a margin)."""
     min_side = min_side or max(5, size * 3 // 16)
     max_side = max_side or max(min_side, size * 9 // 32)
@@ -236,7 +248,9 @@ def layout(scene: Scene, rng: random.Random, size: int = 32, min_side: int | Non
                 return placed
             (cx1, cy1), (cx2, cy2) = placed[0].centre, placed[1].centre
             # a clear relation: the axis offset at least a third of the image and twice the cross offset
-            along = {"left of": cx2 - cx1, "right of": cx1 - cx2, "above": cy2 - cy1, "below": cy1 - cy2}[scene.relation]
+            along = {"left of": cx2 - cx1, "right of": cx1 - cx2, "above": cy2 - cy1, "below": cy1 - cy2}[
+                scene.relation
+            ]
             across = abs(cy2 - cy1) if scene.relation in ("left of", "right of") else abs(cx2 - cx1)
             if along >= size / 3 and along >= 2 * across:
                 return placed
@@ -370,7 +384,8 @@ def check(scene: Scene, objects: list[Detected]) -> Check:
     matching = [[o for o in objects if o.colour == s.colour and o.shape == s.shape] for s in scene.specs]
     shape = all(matching)
     count = all(len(m) == s.count for m, s in zip(matching, scene.specs)) and len(objects) == sum(
-        s.count for s in scene.specs)
+        s.count for s in scene.specs
+    )
     position = None
     if scene.relation is not None:
         position = any(relation_holds(scene.relation, a.centre, b.centre) for a in matching[0] for b in matching[1])

@@ -15,21 +15,22 @@ import shutil
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ddpo.algorithms import Algorithm
+from ddpo.distributed import any_rank
 from ddpo.errors import DDPOError, Interrupted
 from ddpo.logging import EVAL_FILE, MetricsFile, RunTracker, log_to_files, plot_reward_curve
-from ddpo.algorithms import Algorithm
 from ddpo.pipelines.base import DDPOPipeline, Rollout
-from ddpo.distributed import any_rank
-from ddpo.seeds import shuffle_seed
 from ddpo.preemption import PreemptionGuard
+from ddpo.seeds import shuffle_seed
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,9 @@ def _as_numbers(name: str, what: str, value) -> torch.Tensor:
     try:
         array = np.asarray(value.detach().cpu() if torch.is_tensor(value) else value, dtype=np.float32)
     except (TypeError, ValueError) as exc:
-        raise RewardError(f"reward {name!r} returned {what} that are not numbers ({type(exc).__name__}: "
-                          f"{str(exc)[:100]})") from None
+        raise RewardError(
+            f"reward {name!r} returned {what} that are not numbers ({type(exc).__name__}: {str(exc)[:100]})"
+        ) from None
     return torch.as_tensor(array).reshape(-1)
 
 
@@ -170,8 +172,13 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
     batches, prompts_all, meta_all, futures = [], [], [], []
     pipeline.trainable_module().eval()
     started = time.perf_counter()
-    bar = tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch}: sampling", leave=False,
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        range(s.num_batches_per_epoch),
+        desc=f"epoch {epoch}: sampling",
+        leave=False,
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
     for i in bar:
         seeds = [algorithm.sample_seeds(run.seed, epoch, first + i * s.batch_size + j) for j in range(s.batch_size)]
         prompts, metadata = map(list, zip(*(comps.prompt_fn(random.Random(prompt_seed)) for prompt_seed, _ in seeds)))
@@ -185,16 +192,35 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
     results = [collect_reward(comps.reward_name, f, s.batch_size) for f in futures]
     reward_wait_s = time.perf_counter() - waited
     rewards = torch.cat([r for r, _, _ in results])
-    info = {key: torch.cat([inf[key] for _, inf, _ in results])
-            for key in results[0][1] if all(key in inf for _, inf, _ in results)}
-    hook_data = [  # copied to the host only when a hook will read it
-        [b.images.float().cpu(), prompts_all[j * s.batch_size:(j + 1) * s.batch_size],
-         meta_all[j * s.batch_size:(j + 1) * s.batch_size], r.cpu()]
-        for j, (b, (r, _, _)) in enumerate(zip(batches, results))
-    ] if comps.image_hook is not None else []
-    return EpochSamples(Rollout.cat(batches), prompts_all, meta_all, rewards, info, hook_data,
-                        sample_s=waited - started, reward_wait_s=reward_wait_s,
-                        reward_s=sum(t for _, _, t in results))
+    info = {
+        key: torch.cat([inf[key] for _, inf, _ in results])
+        for key in results[0][1]
+        if all(key in inf for _, inf, _ in results)
+    }
+    hook_data = (
+        [  # copied to the host only when a hook will read it
+            [
+                b.images.float().cpu(),
+                prompts_all[j * s.batch_size : (j + 1) * s.batch_size],
+                meta_all[j * s.batch_size : (j + 1) * s.batch_size],
+                r.cpu(),
+            ]
+            for j, (b, (r, _, _)) in enumerate(zip(batches, results))
+        ]
+        if comps.image_hook is not None
+        else []
+    )
+    return EpochSamples(
+        Rollout.cat(batches),
+        prompts_all,
+        meta_all,
+        rewards,
+        info,
+        hook_data,
+        sample_s=waited - started,
+        reward_wait_s=reward_wait_s,
+        reward_s=sum(t for _, _, t in results),
+    )
 
 
 def compute_advantages(comps: Components, samples: EpochSamples):
@@ -217,8 +243,16 @@ def compute_advantages(comps: Components, samples: EpochSamples):
     return torch.as_tensor(mine, dtype=torch.float32, device=device), all_rewards, all_info, all_prompts
 
 
-def train_epoch(comps: Components, run, epoch: int, samples: Rollout, advantages: torch.Tensor,
-                optimizer, model, state: TrainingState) -> dict[str, float]:
+def train_epoch(
+    comps: Components,
+    run,
+    epoch: int,
+    samples: Rollout,
+    advantages: torch.Tensor,
+    optimizer,
+    model,
+    state: TrainingState,
+) -> dict[str, float]:
     """``num_inner_epochs`` passes of the algorithm's loss over this process's samples; returns mean diagnostics."""
     t, plan = run.train, comps.plan
     accelerator, pipeline, algorithm = comps.accelerator, comps.pipeline, comps.algorithm
@@ -232,14 +266,19 @@ def train_epoch(comps: Components, run, epoch: int, samples: Rollout, advantages
     for inner in range(t.num_inner_epochs):
         order = torch.randperm(n, generator=generator)
         step_order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(n)])[:, :trained]
-        bar = tqdm(range(plan.train_batches_per_epoch), desc=f"epoch {epoch}.{inner}: training", leave=False,
-                   disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            range(plan.train_batches_per_epoch),
+            desc=f"epoch {epoch}.{inner}: training",
+            leave=False,
+            disable=not accelerator.is_local_main_process,
+            dynamic_ncols=True,
+        )
         for b in bar:
-            rows = order[b * t.batch_size:(b + 1) * t.batch_size]
+            rows = order[b * t.batch_size : (b + 1) * t.batch_size]
             batch_advantages = advantages[rows.to(device)]
             last_of_step = (b + 1) % t.gradient_accumulation_steps == 0
             for start in range(0, trained, t.timesteps_per_call):
-                steps = step_order[rows, start:start + t.timesteps_per_call]
+                steps = step_order[rows, start : start + t.timesteps_per_call]
                 batch = {k: v.to(device) for k, v in samples.transitions(rows, steps).items()}
                 adv = batch_advantages.repeat_interleave(steps.shape[1])
                 sync = last_of_step and start + t.timesteps_per_call >= trained
@@ -289,8 +328,11 @@ def list_checkpoints(run_dir: str, damaged: list[str] | None = None) -> list[tup
     if os.path.isdir(root):
         for name in os.listdir(root):
             path = os.path.join(root, name)
-            if name.endswith(".partial") or not os.path.isdir(path) or \
-                    not (name.startswith("checkpoint_") or os.path.isfile(os.path.join(path, STATE_FILE))):
+            if (
+                name.endswith(".partial")
+                or not os.path.isdir(path)
+                or not (name.startswith("checkpoint_") or os.path.isfile(os.path.join(path, STATE_FILE)))
+            ):
                 continue
             try:
                 found.append((int(read_state(path)["epochs_completed"]), path))
@@ -321,24 +363,37 @@ def load_checkpoint(accelerator, state: TrainingState, candidates: list[str], da
     for path in candidates:
         rng_file = os.path.join(path, f"random_states_{accelerator.process_index}.pkl")
         if not os.path.isfile(rng_file):
-            log.warning("%s is missing: resuming without its random state (sampling is seeded per sample and "
-                        "unaffected; dropout or other global randomness may differ)", rng_file)
+            log.warning(
+                "%s is missing: resuming without its random state (sampling is seeded per sample and "
+                "unaffected; dropout or other global randomness may differ)",
+                rng_file,
+            )
         try:
             loop_state = read_state(path)
             accelerator.load_state(path)
         except Exception as exc:  # truncated weights, missing or torn optimizer state, unreadable state file
             reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
             failures.append(f"{path} ({reason})")
-            log.warning("checkpoint %s cannot be loaded (%s)%s", path, reason,
-                        "; trying the previous one" if path != candidates[-1] else "")
+            log.warning(
+                "checkpoint %s cannot be loaded (%s)%s",
+                path,
+                reason,
+                "; trying the previous one" if path != candidates[-1] else "",
+            )
             continue
         state.load_state_dict(loop_state)
         if "algorithm" not in loop_state and state.algorithm is not None and state.algorithm.state_dict():
-            log.warning("%s holds no algorithm state (an older checkpoint keeps the per-prompt statistics in a "
-                        "pickle, which is never read): they start empty", os.path.join(path, STATE_FILE))
+            log.warning(
+                "%s holds no algorithm state (an older checkpoint keeps the per-prompt statistics in a "
+                "pickle, which is never read): they start empty",
+                os.path.join(path, STATE_FILE),
+            )
         return path
-    raise DDPOError("no checkpoint could be loaded: " + "; ".join(sorted([*failures, *damaged], reverse=True))
-                    + " (none was deleted)")
+    raise DDPOError(
+        "no checkpoint could be loaded: "
+        + "; ".join(sorted([*failures, *damaged], reverse=True))
+        + " (none was deleted)"
+    )
 
 
 def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
@@ -365,9 +420,11 @@ def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
         if not disk_full(exc):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DDPOError(f"the disk is full: the checkpoint of epoch {state.epochs_completed} could not be written to "
-                        f"{tmp} (removed; older checkpoints and metrics.jsonl are intact). Free space and rerun the "
-                        "same command to resume") from None
+        raise DDPOError(
+            f"the disk is full: the checkpoint of epoch {state.epochs_completed} could not be written to "
+            f"{tmp} (removed; older checkpoints and metrics.jsonl are intact). Free space and rerun the "
+            "same command to resume"
+        ) from None
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -412,25 +469,29 @@ def write_final(pipeline: DDPOPipeline, final_dir: str) -> list[str]:
     files = pipeline.export(tmp)
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp, final_dir)
-    return [final_dir + f[len(tmp):] for f in files]
+    return [final_dir + f[len(tmp) :] for f in files]
 
 
 def check_finite_training(stats: dict[str, float], epoch: int, run_dir: str) -> None:
     """Stop before a diverged epoch is saved: its weights are NaN, the last checkpoint is still good."""
     for key in ("loss", "grad_norm"):
         if not math.isfinite(stats[key]):
-            raise DDPOError(f"epoch {epoch}: the training {key} is {stats[key]} (not finite), so the weights diverged; "
-                            "nothing of this epoch was saved (the last checkpoint in "
-                            f"{os.path.join(run_dir, CHECKPOINT_DIR)} is intact); lower train.learning_rate")
+            raise DDPOError(
+                f"epoch {epoch}: the training {key} is {stats[key]} (not finite), so the weights diverged; "
+                "nothing of this epoch was saved (the last checkpoint in "
+                f"{os.path.join(run_dir, CHECKPOINT_DIR)} is intact); lower train.learning_rate"
+            )
 
 
 def check_finite_weights(pipeline: DDPOPipeline, epoch: int, run_dir: str) -> None:
     """Never checkpoint or export NaN weights: the last step of an epoch can diverge after its loss was finite."""
     parameters = pipeline.trainable_parameters()
     if not bool(torch.stack([p.detach().isfinite().all() for p in parameters]).all()):
-        raise DDPOError(f"epoch {epoch}: the trained weights hold NaN or infinite values (training diverged); "
-                        f"nothing of this epoch was saved (the last checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)}"
-                        " is intact); lower train.learning_rate")
+        raise DDPOError(
+            f"epoch {epoch}: the trained weights hold NaN or infinite values (training diverged); "
+            f"nothing of this epoch was saved (the last checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)}"
+            " is intact); lower train.learning_rate"
+        )
 
 
 def run_image_hook(comps: Components, image_data, global_step: int, epoch: int) -> str | None:
@@ -443,8 +504,10 @@ def run_image_hook(comps: Components, image_data, global_step: int, epoch: int) 
         name = getattr(comps.image_hook, "func", comps.image_hook)
         name = f"{getattr(name, '__module__', '?')}.{getattr(name, '__qualname__', repr(name))}"
         log_to_files(f"the image hook {name} failed at epoch {epoch}:\n{traceback.format_exc()}")  # for its author
-        return f"the image hook {name} (logger.image_hook) failed at epoch {epoch}: {type(exc).__name__}: " \
-               f"{' '.join(str(exc).split())[:160]}"
+        return (
+            f"the image hook {name} (logger.image_hook) failed at epoch {epoch}: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:160]}"
+        )
     return None
 
 
@@ -463,11 +526,11 @@ def run_evaluation(comps: Components, evals: MetricsFile, state: TrainingState) 
     values = flat_metrics(summary)
     values["eval_time_s"] = time.perf_counter() - started
     if comps.accelerator.is_main_process:
-        evals.append({"epoch": state.epochs_completed, "global_step": state.global_step, **values,
-                      "summary": summary})
+        evals.append({"epoch": state.epochs_completed, "global_step": state.global_step, **values, "summary": summary})
         comps.tracker.log(values | {"eval_epochs_trained": state.epochs_completed}, step=state.global_step)
-    shown = ", ".join(f"{k[5:]} {v:.3f}" for k, v in values.items()
-                      if not k.endswith(("_ci_low", "_ci_high", "_time_s")))
+    shown = ", ".join(
+        f"{k[5:]} {v:.3f}" for k, v in values.items() if not k.endswith(("_ci_low", "_ci_high", "_time_s"))
+    )
     log.info("eval after %d epoch(s): %s (%.1fs)", state.epochs_completed, shown, values["eval_time_s"])
     return values | {"eval_epochs_trained": state.epochs_completed}
 
@@ -502,8 +565,12 @@ def train(comps: Components, run) -> float | None:
         log.info("resumed from %s: %d epoch(s) done, global step %d", resume, state.epochs_completed, state.global_step)
     final_dir = os.path.join(comps.run_dir, "final")
     if state.epochs_completed >= run.num_epochs:
-        log.info("run in %s is already complete (%d of num_epochs=%d); nothing to do",
-                 comps.run_dir, state.epochs_completed, run.num_epochs)
+        log.info(
+            "run in %s is already complete (%d of num_epochs=%d); nothing to do",
+            comps.run_dir,
+            state.epochs_completed,
+            run.num_epochs,
+        )
         if accelerator.is_main_process and not os.path.isdir(final_dir):  # killed while writing it
             log.warning("%s is missing: writing it from the last checkpoint", final_dir)
             write_final(pipeline, final_dir)
@@ -524,8 +591,11 @@ def train(comps: Components, run) -> float | None:
     executor = reward_executor(accelerator.device)
     preemption = PreemptionGuard(run.preemption_grace_s).install()
     # SIGTERM (scancel, a scheduler, kill) outside submitit: checkpoint at the end of the epoch, then stop
-    termination = None if os.environ.get("SUBMITIT_EXECUTOR") else \
-        PreemptionGuard(run.preemption_grace_s, signal.SIGTERM).install()
+    termination = (
+        None
+        if os.environ.get("SUBMITIT_EXECUTOR")
+        else PreemptionGuard(run.preemption_grace_s, signal.SIGTERM).install()
+    )
     epoch = state.epochs_completed
     try:
         for epoch in range(state.epochs_completed, run.num_epochs):
@@ -561,30 +631,51 @@ def train(comps: Components, run) -> float | None:
             hook_error = None
             if accelerator.is_main_process:
                 metrics.append(record)
-                comps.tracker.log({k: v for k, v in record.items() if k != "epoch" and v is not None} | {"epoch": epoch},
-                                  step=state.global_step)
+                comps.tracker.log(
+                    {k: v for k, v in record.items() if k != "epoch" and v is not None} | {"epoch": epoch},
+                    step=state.global_step,
+                )
                 comps.tracker.log_epoch_rewards(all_rewards, all_prompts, step=state.global_step, epoch=epoch)
                 hook_error = run_image_hook(comps, samples.batch_images, state.global_step, epoch)
-            log.info("epoch %d/%d  reward %.4f ± %.4f  loss %.3g  kl %.2g  clipfrac %.3f  %.1fs",
-                     epoch + 1, run.num_epochs, record["reward_mean"], record["reward_std"], record["loss"],
-                     record["approx_kl"], record["clipfrac"], elapsed)
+            log.info(
+                "epoch %d/%d  reward %.4f ± %.4f  loss %.3g  kl %.2g  clipfrac %.3f  %.1fs",
+                epoch + 1,
+                run.num_epochs,
+                record["reward_mean"],
+                record["reward_std"],
+                record["loss"],
+                record["approx_kl"],
+                record["clipfrac"],
+                elapsed,
+            )
             # signals (any rank) and a failed hook are answered here: checkpoint, then requeue or stop
             unfinished = state.epochs_completed < run.num_epochs
             preempted = preemption.requested(accelerator) and unfinished
             terminated = termination is not None and termination.requested(accelerator) and unfinished
             hook_failed = any_rank(accelerator, hook_error is not None)
-            if preempted or terminated or hook_failed or state.epochs_completed % run.save_freq == 0 \
-                    or state.epochs_completed == run.num_epochs:
+            if (
+                preempted
+                or terminated
+                or hook_failed
+                or state.epochs_completed % run.save_freq == 0
+                or state.epochs_completed == run.num_epochs
+            ):
                 save_checkpoint(comps, run, state)
                 if accelerator.is_main_process:
-                    plot_reward_curve(metrics.read(), os.path.join(comps.run_dir, "reward_curve.png"),
-                                      title=comps.reward_name)
+                    plot_reward_curve(
+                        metrics.read(), os.path.join(comps.run_dir, "reward_curve.png"), title=comps.reward_name
+                    )
             if hook_failed:
-                raise DDPOError(f"{hook_error or 'the image hook failed on the main process'} (the checkpoint of "
-                                f"epoch {epoch} is saved: fix the hook and rerun the same command to resume)")
+                raise DDPOError(
+                    f"{hook_error or 'the image hook failed on the main process'} (the checkpoint of "
+                    f"epoch {epoch} is saved: fix the hook and rerun the same command to resume)"
+                )
             if terminated:
-                raise Interrupted(f"terminated (SIGTERM) during epoch {epoch}: its checkpoint is saved; rerun the "
-                                  "same command to resume", exit_code=128 + signal.SIGTERM)
+                raise Interrupted(
+                    f"terminated (SIGTERM) during epoch {epoch}: its checkpoint is saved; rerun the "
+                    "same command to resume",
+                    exit_code=128 + signal.SIGTERM,
+                )
             if preempted:
                 preemption.hand_over()
         if accelerator.is_main_process:
@@ -594,8 +685,9 @@ def train(comps: Components, run) -> float | None:
     except KeyboardInterrupt:
         done = list_checkpoints(comps.run_dir)
         since = f"from the checkpoint after epoch {done[-1][0] - 1}" if done else "from the start"
-        raise Interrupted(f"interrupted during epoch {epoch}; rerun the same command to resume ({since})",
-                          exit_code=130) from None
+        raise Interrupted(
+            f"interrupted during epoch {epoch}; rerun the same command to resume ({since})", exit_code=130
+        ) from None
     finally:
         preemption.uninstall()
         if termination is not None:

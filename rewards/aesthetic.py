@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddpo.errors import ConfigError
-from rewards.base import ModelReward, open_clip_image_size, as_reward_tensor, check_images, first_line, freeze
+from rewards.base import ModelReward, as_reward_tensor, check_images, first_line, freeze, open_clip_image_size
 from rewards.download import HubSource, UrlSource, default_cache_dir, fetch_verified, verify_sha256
 
 HEAD_FILENAME = "sac+logos+ava1-l14-linearMSE.pth"
@@ -42,7 +42,9 @@ def resolve_head_path(
         path = Path(head_path).expanduser()
         if not path.is_file():
             raise ConfigError(f"aesthetic head file not found: {path}; {_HEAD_FIX}")
-        verify_sha256(path, sha256, size, "aesthetic head", f"{_HEAD_FIX} (or reward.head_sha256=null for your own head)")
+        verify_sha256(
+            path, sha256, size, "aesthetic head", f"{_HEAD_FIX} (or reward.head_sha256=null for your own head)"
+        )
         return path
     sources = []
     if url:
@@ -76,7 +78,9 @@ def load_head(path):
     try:
         head.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
-        raise ConfigError(f"aesthetic head {path} does not fit the MLP ({first_line(error, 200)}); {_HEAD_FIX}") from None
+        raise ConfigError(
+            f"aesthetic head {path} does not fit the MLP ({first_line(error, 200)}); {_HEAD_FIX}"
+        ) from None
     return freeze(head.float())
 
 

@@ -18,7 +18,7 @@ class Reward:
 
     name: str = "reward"
 
-    def to(self, device: Any, dtype: Any = None) -> "Reward":
+    def to(self, device: Any, dtype: Any = None) -> Reward:
         """Move the reward's models to ``device`` (and ``dtype``); cheap rewards do nothing."""
         return self
 
@@ -54,7 +54,7 @@ class ModelReward(Reward):
         except ValueError as error:
             raise ConfigError(f"reward.dtype: {error}") from None
 
-    def to(self, device: Any, dtype: Any = None) -> "ModelReward":
+    def to(self, device: Any, dtype: Any = None) -> ModelReward:
         import torch
 
         self.device = torch.device(device)
@@ -115,9 +115,15 @@ def resolve_dtype(dtype):
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {
-        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32, "no": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "float": torch.float32,
+        "no": torch.float32,
     }
     key = str(dtype).removeprefix("torch.").lower()
     if key not in names:

@@ -109,8 +109,7 @@ def verify_sha256(path, sha256: str | None, size: int | None, what: str, fix: st
     actual = sha256_file(path)
     if actual != sha256.lower():
         raise ConfigError(
-            f"{what} {path} has sha256 {actual}, expected {sha256}: "
-            f"it is corrupted or a different file; {fix}"
+            f"{what} {path} has sha256 {actual}, expected {sha256}: it is corrupted or a different file; {fix}"
         )
 
 

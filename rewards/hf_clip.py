@@ -66,7 +66,11 @@ class HFClipReward(ModelReward):
         if processor_path is None:
             processor_path, processor_revision = model_path, model_revision
         self.processor = load_pretrained(
-            AutoProcessor, processor_path, processor_revision, what=f"{self.name} processor", key="reward.processor_path"
+            AutoProcessor,
+            processor_path,
+            processor_revision,
+            what=f"{self.name} processor",
+            key="reward.processor_path",
         )
         self.model = freeze(
             load_pretrained(AutoModel, model_path, model_revision, what=f"{self.name} model", key="reward.model_path")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 
 from ddpo.errors import ConfigError
-from rewards.base import ModelReward, open_clip_image_size, as_reward_tensor, check_images, first_line
+from rewards.base import ModelReward, as_reward_tensor, check_images, first_line, open_clip_image_size
 from rewards.clip_preprocess import RESIZE_MODES
 
 HUB_REPO = "xswu/HPSv2"
@@ -50,7 +50,9 @@ def load_hps_state_dict(model, path: str, weights_only: bool = True) -> None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:
-        hint = "" if not weights_only else " (reward.weights_only=false loads pickled objects: only for a file you trust)"
+        hint = (
+            "" if not weights_only else " (reward.weights_only=false loads pickled objects: only for a file you trust)"
+        )
         raise ConfigError(f"cannot read the HPS v2 checkpoint {path} ({first_line(error, 200)}){hint}; {fix}") from None
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict):
@@ -59,12 +61,12 @@ def load_hps_state_dict(model, path: str, weights_only: bool = True) -> None:
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # shape mismatches
-        raise ConfigError(f"HPS v2 checkpoint {path} does not fit the model ({first_line(error, 200)}); {fix}") from None
+        raise ConfigError(
+            f"HPS v2 checkpoint {path} does not fit the model ({first_line(error, 200)}); {fix}"
+        ) from None
     missing = [key for key in result.missing_keys if key not in _IGNORED_MISSING]
     if missing:
-        raise ConfigError(
-            f"HPS v2 checkpoint {path} lacks {len(missing)} model weights (e.g. {missing[:3]}); {fix}"
-        )
+        raise ConfigError(f"HPS v2 checkpoint {path} lacks {len(missing)} model weights (e.g. {missing[:3]}); {fix}")
     if result.unexpected_keys:
         warnings.warn(
             f"HPS v2 checkpoint {path}: ignored {len(result.unexpected_keys)} keys the model does not use "

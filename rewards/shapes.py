@@ -66,12 +66,17 @@ def _scorer_class():
             self.config = {"width": width, "hidden": hidden, "size": size}
             act = nn.GELU
             self.image = nn.Sequential(
-                nn.Conv2d(5, width, 3, padding=1), act(),
-                nn.Conv2d(width, width, 3, stride=2, padding=1), act(),
-                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), act(),
-                nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), act(),
+                nn.Conv2d(5, width, 3, padding=1),
+                act(),
+                nn.Conv2d(width, width, 3, stride=2, padding=1),
+                act(),
+                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+                act(),
+                nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+                act(),
                 nn.Flatten(),
-                nn.Linear(2 * width * (size // 8) ** 2, hidden), act(),
+                nn.Linear(2 * width * (size // 8) ** 2, hidden),
+                act(),
             )
             self.text = nn.Sequential(nn.Linear(scene_vector_size(), hidden), act(), nn.Linear(hidden, hidden))
             self.head = nn.Sequential(nn.Linear(3 * hidden, hidden), act(), nn.Linear(hidden, 1))
@@ -108,8 +113,10 @@ def load_scorer(directory):
 
     directory = Path(directory)
     if not (directory / SCORER_FILE).is_file() or not (directory / SCORER_CONFIG).is_file():
-        raise ConfigError(f"no shape scorer in {directory} (expected {SCORER_FILE} and {SCORER_CONFIG}; "
-                          "scripts/pretrain_tiny.py writes them)")
+        raise ConfigError(
+            f"no shape scorer in {directory} (expected {SCORER_FILE} and {SCORER_CONFIG}; "
+            "scripts/pretrain_tiny.py writes them)"
+        )
     scorer = ShapeScorer(**json.loads((directory / SCORER_CONFIG).read_text()))
     scorer.load_state_dict(load_file(str(directory / SCORER_FILE)))
     return scorer.eval().requires_grad_(False)
@@ -130,8 +137,10 @@ def _scenes(prompts, name):
         try:
             scenes.append(shapes.parse(prompt))
         except ValueError:
-            raise ConfigError(f"reward {name!r} scores captions of the shapes grammar (prompt=shapes_train or "
-                              f"shapes_heldout); got the prompt {prompt!r}") from None
+            raise ConfigError(
+                f"reward {name!r} scores captions of the shapes grammar (prompt=shapes_train or "
+                f"shapes_heldout); got the prompt {prompt!r}"
+            ) from None
     return scenes
 
 
@@ -177,4 +186,6 @@ class ShapeProxy(ModelReward):
         with torch.no_grad():
             logits = self.model(images.to(self.device, self.dtype), vectors.to(self.device, self.dtype))
         probability = torch.sigmoid(logits.float())
-        return as_reward_tensor(probability, len(prompts)), {"proxy_logit": as_reward_tensor(logits.float(), len(prompts))}
+        return as_reward_tensor(probability, len(prompts)), {
+            "proxy_logit": as_reward_tensor(logits.float(), len(prompts))
+        }

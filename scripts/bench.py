@@ -97,8 +97,9 @@ def measure_floor(components, run, repeats: int) -> dict:
     plan = components.plan
     calls = {
         "unet_forward": s.num_batches_per_epoch * s.num_steps,
-        "unet_forward_backward": t.num_inner_epochs * plan.train_batches_per_epoch * math.ceil(
-            plan.trained_timesteps / t.timesteps_per_call),
+        "unet_forward_backward": t.num_inner_epochs
+        * plan.train_batches_per_epoch
+        * math.ceil(plan.trained_timesteps / t.timesteps_per_call),
         "vae_decode": s.num_batches_per_epoch,
     }
     floor = {
@@ -107,8 +108,12 @@ def measure_floor(components, run, repeats: int) -> dict:
         "decode_s": calls["vae_decode"] * per_call["vae_decode_s"],
     }
     floor["total_s"] = sum(floor.values())
-    return {"per_call": per_call, "calls_per_epoch": calls, "floor_per_epoch": floor,
-            "shapes": {"sample_rows": sample_rows, "train_rows": train_rows, "latent": [channels, size, size]}}
+    return {
+        "per_call": per_call,
+        "calls_per_epoch": calls,
+        "floor_per_epoch": floor,
+        "shapes": {"sample_rows": sample_rows, "train_rows": train_rows, "latent": [channels, size, size]},
+    }
 
 
 def main(argv=None) -> dict:
@@ -130,8 +135,9 @@ def main(argv=None) -> dict:
     conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
     total_epochs = args.warmup + args.epochs
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "logger=none", f"num_epochs={total_epochs}",
-                                           f"save_freq={total_epochs}"])
+        cfg = compose(
+            "config", overrides=[*overrides, "logger=none", f"num_epochs={total_epochs}", f"save_freq={total_epochs}"]
+        )
     with tempfile.TemporaryDirectory() as run_dir:
         build_started = time.perf_counter()
         run, components = build(cfg, run_dir)
@@ -142,7 +148,7 @@ def main(argv=None) -> dict:
         loop_started = time.perf_counter()
         train(components, run)
         loop_s = time.perf_counter() - loop_started
-        records = MetricsFile(run_dir).read()[args.warmup:]
+        records = MetricsFile(run_dir).read()[args.warmup :]
         floor = measure_floor(components, run, args.repeats)
 
     def mean(key):
@@ -155,15 +161,22 @@ def main(argv=None) -> dict:
     result = {
         "overrides": overrides,
         "machine": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "torch": torch.__version__,
         },
         "settings": {
-            "model": cfg.model._target_, "resolution": components.pipeline.resolution,
-            "mixed_precision": run.mixed_precision.value, "use_lora": run.use_lora,
-            "samples_per_epoch": plan.samples_per_epoch, "num_steps": run.sample.num_steps,
-            "trained_timesteps": plan.trained_timesteps, "timesteps_per_call": run.train.timesteps_per_call,
-            "train_batch_size": run.train.batch_size, "cfg": run.train.cfg,
+            "model": cfg.model._target_,
+            "resolution": components.pipeline.resolution,
+            "mixed_precision": run.mixed_precision.value,
+            "use_lora": run.use_lora,
+            "samples_per_epoch": plan.samples_per_epoch,
+            "num_steps": run.sample.num_steps,
+            "trained_timesteps": plan.trained_timesteps,
+            "timesteps_per_call": run.train.timesteps_per_call,
+            "train_batch_size": run.train.batch_size,
+            "cfg": run.train.cfg,
             "guidance_scale": run.sample.guidance_scale,
         },
         "epochs_timed": len(records),
@@ -179,7 +192,10 @@ def main(argv=None) -> dict:
         },
         "throughput": {
             "images_per_s_sampled": plan.samples_per_epoch / sample_s,
-            "timesteps_per_s_trained": plan.samples_per_epoch * plan.trained_timesteps * run.train.num_inner_epochs / train_s,
+            "timesteps_per_s_trained": plan.samples_per_epoch
+            * plan.trained_timesteps
+            * run.train.num_inner_epochs
+            / train_s,
         },
         "loop_wall_s_including_warmup_and_checkpoint": loop_s,
         "peak_host_memory_mb": peak_host_mb(),
@@ -199,17 +215,25 @@ def report(r: dict) -> None:
     p, f, c, n = r["phases_per_epoch"], r["floor_per_epoch"], r["per_call"], r["calls_per_epoch"]
     s = r["settings"]
     print(f"\n{r['machine']['device']}, torch {r['machine']['torch']}")
-    print(f"{s['model']} {s['resolution']}px {s['mixed_precision']} lora={s['use_lora']}: {s['samples_per_epoch']} samples x "
-          f"{s['num_steps']} steps, {s['trained_timesteps']} trained (x{s['timesteps_per_call']} per call), "
-          f"train batch {s['train_batch_size']}, cfg={s['cfg']}; {r['epochs_timed']} timed epoch(s)")
-    print(f"per epoch: sampling {p['sampling_s']:.3f}s | reward {p['reward_s']:.3f}s "
-          f"({p['reward_overlapped_s']:.3f}s overlapped, {p['reward_wait_s']:.3f}s waited) | "
-          f"training {p['training_s']:.3f}s | other {p['other_s']:.3f}s | epoch {p['epoch_s']:.3f}s")
-    print(f"throughput: {r['throughput']['images_per_s_sampled']:.2f} images/s sampled, "
-          f"{r['throughput']['timesteps_per_s_trained']:.2f} timesteps/s trained")
-    print(f"floor: {n['unet_forward']} UNet fwd x {c['unet_forward_s'] * 1e3:.2f} ms = {f['sampling_s']:.3f}s, "
-          f"{n['unet_forward_backward']} fwd+bwd x {c['unet_forward_backward_s'] * 1e3:.2f} ms = {f['training_s']:.3f}s, "
-          f"{n['vae_decode']} VAE decode x {c['vae_decode_s'] * 1e3:.2f} ms = {f['decode_s']:.3f}s; total {f['total_s']:.3f}s")
+    print(
+        f"{s['model']} {s['resolution']}px {s['mixed_precision']} lora={s['use_lora']}: {s['samples_per_epoch']} samples x "
+        f"{s['num_steps']} steps, {s['trained_timesteps']} trained (x{s['timesteps_per_call']} per call), "
+        f"train batch {s['train_batch_size']}, cfg={s['cfg']}; {r['epochs_timed']} timed epoch(s)"
+    )
+    print(
+        f"per epoch: sampling {p['sampling_s']:.3f}s | reward {p['reward_s']:.3f}s "
+        f"({p['reward_overlapped_s']:.3f}s overlapped, {p['reward_wait_s']:.3f}s waited) | "
+        f"training {p['training_s']:.3f}s | other {p['other_s']:.3f}s | epoch {p['epoch_s']:.3f}s"
+    )
+    print(
+        f"throughput: {r['throughput']['images_per_s_sampled']:.2f} images/s sampled, "
+        f"{r['throughput']['timesteps_per_s_trained']:.2f} timesteps/s trained"
+    )
+    print(
+        f"floor: {n['unet_forward']} UNet fwd x {c['unet_forward_s'] * 1e3:.2f} ms = {f['sampling_s']:.3f}s, "
+        f"{n['unet_forward_backward']} fwd+bwd x {c['unet_forward_backward_s'] * 1e3:.2f} ms = {f['training_s']:.3f}s, "
+        f"{n['vae_decode']} VAE decode x {c['vae_decode_s'] * 1e3:.2f} ms = {f['decode_s']:.3f}s; total {f['total_s']:.3f}s"
+    )
     print(f"epoch / floor = {r['epoch_over_floor']:.3f}")
     mem = f"peak host memory {r['peak_host_memory_mb']:.0f} MB"
     if "peak_device_memory_mb" in r:

@@ -26,8 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 # what a run's config may instantiate here: classes of this project only (a config is data, not code)
-ALLOWED = {"prompt": ("ddpo.prompts", "PromptSet"), "reward": ("rewards.base", "Reward"),
-           "pipeline": ("ddpo.pipelines.base", "DDPOPipeline")}
+ALLOWED = {
+    "prompt": ("ddpo.prompts", "PromptSet"),
+    "reward": ("rewards.base", "Reward"),
+    "pipeline": ("ddpo.pipelines.base", "DDPOPipeline"),
+}
 
 
 def fail(message: str):
@@ -115,10 +118,17 @@ def build_pipeline(cfg, device):
         components = getattr(models, target.rsplit(".", 1)[1])(**kwargs)
     except DDPOError as exc:
         fail(str(exc))
-    pipeline = checked_instantiate(cfg.pipeline, "pipeline", "the pipeline", components=components,
-                                   use_lora=run.use_lora, lora_rank=run.lora_rank,
-                                   mixed_precision=run.mixed_precision.value, device=device,
-                                   resolution=cfg.model.get("resolution"))
+    pipeline = checked_instantiate(
+        cfg.pipeline,
+        "pipeline",
+        "the pipeline",
+        components=components,
+        use_lora=run.use_lora,
+        lora_rank=run.lora_rank,
+        mixed_precision=run.mixed_precision.value,
+        device=device,
+        resolution=cfg.model.get("resolution"),
+    )
     return run, pipeline
 
 
@@ -169,8 +179,11 @@ def main(argv=None) -> int:
             fail(f"{config_file} not found: {run_dir} is not a run directory of train.py")
         cfg = OmegaConf.load(config_file)
         choices = os.path.join(run_dir, ".hydra", "hydra.yaml")
-        reward_name = OmegaConf.load(choices).hydra.runtime.choices.get("reward", "reward") \
-            if os.path.isfile(choices) else "reward"
+        reward_name = (
+            OmegaConf.load(choices).hydra.runtime.choices.get("reward", "reward")
+            if os.path.isfile(choices)
+            else "reward"
+        )
         out = args.out or os.path.join(run_dir, "eval")
     else:
         cfg, reward_name = compose(args.target)

@@ -34,8 +34,11 @@ def find_runs(paths: list[str]) -> list[str]:
             continue
         if not os.path.isdir(path):
             raise SystemExit(f"error: {path} is not a directory")
-        jobs = [os.path.join(path, name) for name in os.listdir(path)
-                if os.path.isfile(os.path.join(path, name, METRICS_FILE))]
+        jobs = [
+            os.path.join(path, name)
+            for name in os.listdir(path)
+            if os.path.isfile(os.path.join(path, name, METRICS_FILE))
+        ]
         if not jobs:
             raise SystemExit(f"error: no {METRICS_FILE} in {path} nor in its subdirectories")
         runs.extend(sorted(jobs, key=_job_order))
@@ -49,7 +52,9 @@ def _job_order(path: str):
 
 def read_metrics(run_dir: str, metric: str = "reward_mean") -> list[dict]:
     """The run's records that hold ``metric``: eval.jsonl for ``eval_*`` metrics when it exists."""
-    name = EVAL_FILE if metric.startswith("eval_") and os.path.isfile(os.path.join(run_dir, EVAL_FILE)) else METRICS_FILE
+    name = (
+        EVAL_FILE if metric.startswith("eval_") and os.path.isfile(os.path.join(run_dir, EVAL_FILE)) else METRICS_FILE
+    )
     with open(os.path.join(run_dir, name)) as handle:
         records = [json.loads(line) for line in handle if line.strip()]
     return sorted(records, key=lambda r: r["epoch"])
@@ -117,8 +122,9 @@ def plot(series: list[tuple[str, list[dict], str]], path: str) -> None:
     evals = all(m.startswith("eval_") for m in metrics)
     ax.set_xlabel("epochs trained" if evals else "epoch")
     if len(metrics) == 1:
-        ax.set_ylabel("reward (mean ± std)" if metrics[0] == "reward_mean" else
-                      metrics[0] + (" (95% CI)" if evals else ""))
+        ax.set_ylabel(
+            "reward (mean ± std)" if metrics[0] == "reward_mean" else metrics[0] + (" (95% CI)" if evals else "")
+        )
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -130,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="sweep directories and/or run directories")
     parser.add_argument("--out-dir", help="where to write reward_curves.png and summary.csv")
-    parser.add_argument("--metric", action="append", help="a metrics.jsonl (or eval.jsonl, for eval_*) key to plot; "
-                        "repeat for several (default reward_mean)")
+    parser.add_argument(
+        "--metric",
+        action="append",
+        help="a metrics.jsonl (or eval.jsonl, for eval_*) key to plot; repeat for several (default reward_mean)",
+    )
     parser.add_argument("--out", help="the PNG to write (default <out-dir>/reward_curves.png)")
     args = parser.parse_args(argv)
     metrics = args.metric or ["reward_mean"]
@@ -141,18 +150,29 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     overrides = [read_overrides(run) for run in runs]
     labels = labels_for(runs, overrides)
-    series = [(label if len(metrics) == 1 else f"{label} {metric}" if len(runs) > 1 else metric,
-               read_metrics(run, metric), metric) for run, label in zip(runs, labels) for metric in metrics]
-    missing = [metric for metric in metrics if not any(r.get(metric) is not None for _, recs, m in series if m == metric
-                                                       for r in recs)]
+    series = [
+        (
+            label if len(metrics) == 1 else f"{label} {metric}" if len(runs) > 1 else metric,
+            read_metrics(run, metric),
+            metric,
+        )
+        for run, label in zip(runs, labels)
+        for metric in metrics
+    ]
+    missing = [
+        metric
+        for metric in metrics
+        if not any(r.get(metric) is not None for _, recs, m in series if m == metric for r in recs)
+    ]
     if missing:
         raise SystemExit(f"error: no run has {', '.join(missing)} (eval_* metrics need eval.every > 0)")
     png = args.out or os.path.join(out_dir, "reward_curves.png")
     plot(series, png)
     metric = metrics[0]
     records = [recs for _, recs, m in series if m == metric]  # one per run, in run order
-    rows = [summarise(run, label, items, recs, metric)
-            for run, label, items, recs in zip(runs, labels, overrides, records)]
+    rows = [
+        summarise(run, label, items, recs, metric) for run, label, items, recs in zip(runs, labels, overrides, records)
+    ]
     table = os.path.join(out_dir, "summary.csv")
     with open(table, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -159,14 +159,18 @@ def train_vae(images: torch.Tensor, args, device) -> tuple:
         progress(step, rec=rec.item(), kl=kl.item())
     vae.eval()
     with torch.no_grad():
-        means = torch.cat([vae.encode(images[i : i + 1024].to(device)).latent_dist.mean for i in range(0, len(images), 1024)])
+        means = torch.cat(
+            [vae.encode(images[i : i + 1024].to(device)).latent_dist.mean for i in range(0, len(images), 1024)]
+        )
     scaling = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling)
     return vae, means.cpu() * scaling
 
 
 def encode_captions(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def train_diffusion(latents: torch.Tensor, scenes: list, tokenizer, args, device):
@@ -176,13 +180,20 @@ def train_diffusion(latents: torch.Tensor, scenes: list, tokenizer, args, device
     torch.manual_seed(args.seed + 2)
     unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
     text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_DIM,
+        intermediate_size=4 * TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     text_encoder = CLIPTextModel(text_config).to(device)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                    beta_schedule="scaled_linear", clip_sample=False)
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False
+    )
     alphas = noise_scheduler.alphas_cumprod.to(device)
     captions = encode_captions(tokenizer, [s.caption for s in scenes])
     empty = encode_captions(tokenizer, [""])[0]
@@ -228,10 +239,12 @@ def train_scorer(images_uint8: np.ndarray, scenes: list, vae, args, device):
     # half the inputs are VAE reconstructions, closer to what the diffusion model draws
     images = to_tensor(images_uint8)
     with torch.no_grad():
-        recon = torch.cat([
-            vae.decode(vae.encode(images[i : i + 1024].to(device)).latent_dist.mean).sample.clamp(-1, 1).cpu()
-            for i in range(0, len(images), 1024)
-        ])
+        recon = torch.cat(
+            [
+                vae.decode(vae.encode(images[i : i + 1024].to(device)).latent_dist.mean).sample.clamp(-1, 1).cpu()
+                for i in range(0, len(images), 1024)
+            ]
+        )
     pool = torch.cat([images, recon]).add(1).div(2)
     pool_scenes = scenes + scenes
     rng = random.Random(args.seed + 5)
@@ -243,12 +256,16 @@ def train_scorer(images_uint8: np.ndarray, scenes: list, vae, args, device):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.scorer_steps, args.scorer_lr)
         labels = torch.tensor([rng.random() < 0.5 for _ in index], dtype=torch.float32)
-        vectors = torch.stack([
-            scene_vector(pool_scenes[i] if label else shapes.perturb(pool_scenes[i], rng))
-            for i, label in zip(index.tolist(), labels.tolist())
-        ])
+        vectors = torch.stack(
+            [
+                scene_vector(pool_scenes[i] if label else shapes.perturb(pool_scenes[i], rng))
+                for i, label in zip(index.tolist(), labels.tolist())
+            ]
+        )
         x = pool[index]
-        x = x + args.scorer_noise * torch.rand(len(x), 1, 1, 1, generator=generator) * torch.randn(x.shape, generator=generator)
+        x = x + args.scorer_noise * torch.rand(len(x), 1, 1, 1, generator=generator) * torch.randn(
+            x.shape, generator=generator
+        )
         logits = scorer(x.clamp(0, 1).to(device), vectors.to(device))
         loss = F.binary_cross_entropy_with_logits(logits, labels.to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -283,8 +300,16 @@ def evaluate_pipeline(pipe, args, device) -> dict:
         chunk = prompts[start : start + 16]
         batch = [p for p in chunk for _ in range(args.eval_seeds)]
         generator = torch.Generator(device="cpu").manual_seed(args.seed + start)
-        images = pipe(batch, num_inference_steps=20, guidance_scale=args.guidance, eta=0.0, height=32, width=32,
-                      output_type="np", generator=generator).images
+        images = pipe(
+            batch,
+            num_inference_steps=20,
+            guidance_scale=args.guidance,
+            eta=0.0,
+            height=32,
+            width=32,
+            output_type="np",
+            generator=generator,
+        ).images
         for image, prompt in zip(images, batch):
             verdict = shapes.check_image((image * 255).round().astype(np.uint8), prompt)
             results["correct"].append(verdict.correct)
@@ -349,18 +374,34 @@ def main(argv=None) -> int:
     accuracy = scorer_accuracy(scorer, args, device)
     log(f"scorer accuracy on fresh renders (half mismatched captions): {accuracy:.3f}")
 
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae.eval(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     stage = time.time()
     heldout = evaluate_pipeline(pipe, args, device)
     timings["eval_s"] = time.time() - stage
     timings["total_s"] = time.time() - start
     for name, values in heldout.items():
-        log(f"held-out {name}: {values['mean']:.3f} (95% CI {values['ci95'][0]:.3f}-{values['ci95'][1]:.3f}, n={values['n']})")
+        log(
+            f"held-out {name}: {values['mean']:.3f} (95% CI {values['ci95'][0]:.3f}-{values['ci95'][1]:.3f}, n={values['n']})"
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.to("cpu")
@@ -369,7 +410,8 @@ def main(argv=None) -> int:
     record = {
         "command": "python scripts/pretrain_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-        "device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"),
+        "device": str(device)
+        + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"),
         "torch": torch.__version__,
         "timings": timings,
         "scorer_accuracy": accuracy,

@@ -60,8 +60,10 @@ def load_base(run_dir: str, model_path: str | None):
         return models.load_stable_diffusion(model_path), cfg
     target = model.get("_target_")
     if target not in KNOWN_LOADERS:
-        fail(f"{config_file}: model._target_={target!r} is not one of this project's model loaders "
-             f"({', '.join(KNOWN_LOADERS)}); give the base model with --model-path")
+        fail(
+            f"{config_file}: model._target_={target!r} is not one of this project's model loaders "
+            f"({', '.join(KNOWN_LOADERS)}); give the base model with --model-path"
+        )
     kwargs = {key: model[key] for key in KNOWN_LOADERS[target] if key in model}
     bad = [key for key, value in kwargs.items() if not isinstance(value, (str, int, float, type(None)))]
     if bad:

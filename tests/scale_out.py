@@ -20,8 +20,9 @@ def multirun(sweep_dir, overrides, env=None, timeout=300, wait=True):
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
     if not wait:
         log = open(Path(sweep_dir).parent / f"{Path(sweep_dir).name}.launcher.log", "w")
-        return subprocess.Popen(cmd, cwd=ROOT, env=env or subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
-                                text=True)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env or subprocess_env(), stdout=log, stderr=subprocess.STDOUT, text=True
+        )
     return subprocess.run(cmd, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 

@@ -38,8 +38,13 @@ def test_grpo_refuses_groups_that_do_not_fit():
 
 @pytest.mark.parametrize("shared_noise", [False, True])
 def test_grpo_epoch_samples_each_prompt_for_a_whole_group(tmp_path, shared_noise):
-    overrides = [*TINY, "algorithm=grpo", "algorithm.group_size=2", f"algorithm.shared_noise={shared_noise}",
-                 "sample.num_batches_per_epoch=3"]
+    overrides = [
+        *TINY,
+        "algorithm=grpo",
+        "algorithm.group_size=2",
+        f"algorithm.shared_noise={shared_noise}",
+        "sample.num_batches_per_epoch=3",
+    ]
     run, comps = build(compose(overrides), str(tmp_path))
     with ThreadPoolExecutor(max_workers=1) as executor:
         samples = sample_epoch(comps, run, 0, executor)
@@ -88,8 +93,9 @@ def test_kl_to_the_reference_is_zero_before_training(tmp_path, use_lora):
         samples = sample_epoch(comps, run, 0, executor)
     advantages, *_ = compute_advantages(comps, samples)
     rows, steps = torch.arange(4), torch.arange(3).expand(4, -1)
-    loss, stats = comps.algorithm.loss(pipeline, samples.batch.transitions(rows, steps),
-                                       advantages.repeat_interleave(3))
+    loss, stats = comps.algorithm.loss(
+        pipeline, samples.batch.transitions(rows, steps), advantages.repeat_interleave(3)
+    )
     assert stats["kl_ref"].item() < 1e-8
     # the check can fail: moved weights give a positive KL
     with torch.no_grad():

@@ -26,8 +26,10 @@ CASES = {
     "unknown_model": (["model=nope"], ["model/nope", "tiny"]),
     "unknown_logger": (["logger=nope"], ["logger/nope", "tensorboard"]),
     "unknown_key": (["foo=1"], ["foo"]),
-    "unknown_experiment": (["experiment=tiny_compresibility"], ["experiment/tiny_compresibility",
-                                                                "tiny_compressibility"]),
+    "unknown_experiment": (
+        ["experiment=tiny_compresibility"],
+        ["experiment/tiny_compresibility", "tiny_compressibility"],
+    ),
     "wrong_type": (["sample.batch_size=abc"], ["sample.batch_size", "abc"]),
     "wrong_enum": (["mixed_precision=fp32"], ["mixed_precision", "fp32"]),
     # values the schema accepts but a run cannot use: checked before anything heavy is loaded
@@ -58,8 +60,10 @@ CASES = {
     # prompt files
     "prompt_path_not_set": (["prompt=from_file"], ["prompt.path"]),
     "prompt_file_missing": (["prompt=from_file", "prompt.path={tmp}/missing.txt"], ["prompt.path", "missing.txt"]),
-    "prompt_file_empty": (["prompt=from_file", f"prompt.path={FIXTURES}/empty_prompts.txt"],
-                          ["empty_prompts.txt", "no prompts"]),
+    "prompt_file_empty": (
+        ["prompt=from_file", f"prompt.path={FIXTURES}/empty_prompts.txt"],
+        ["empty_prompts.txt", "no prompts"],
+    ),
     # models that cannot be loaded offline
     "model_not_cached_offline": (["model=sd15"], ["stable-diffusion-v1-5", "model=tiny", "model.path"]),
     "model_path_missing": (["model.path={tmp}/no_such_model"], ["model.path=", "no_such_model", "no such directory"]),
@@ -67,8 +71,10 @@ CASES = {
     "reward_nan": ([BAD_REWARD + "NaNReward"], ["reward", "NaN"]),
     "reward_wrong_count": ([BAD_REWARD + "WrongCountReward"], ["reward", "returned 1 values for 2 images"]),
     "reward_strings": ([BAD_REWARD + "StringReward"], ["reward", "not numbers"]),
-    "image_hook_raises": (["logger.image_hook._target_=tests.fixtures.hooks.failing_hook"],
-                          ["tests.fixtures.hooks.failing_hook", "epoch 0", "fails on purpose", "checkpoint"]),
+    "image_hook_raises": (
+        ["logger.image_hook._target_=tests.fixtures.hooks.failing_hook"],
+        ["tests.fixtures.hooks.failing_hook", "epoch 0", "fails on purpose", "checkpoint"],
+    ),
     "reward_raises": ([BAD_REWARD + "RaisingReward"], ["reward", "RuntimeError", "scorer exploded on purpose"]),
 }
 
@@ -77,8 +83,11 @@ CASES = {
 def cli_runs(request, tmp_path_factory):
     """The selected cases' CLI runs, started together: most of their time is imports, which overlap."""
     module = request.module
-    selected = [item.callspec.params["case"] for item in request.session.items
-                if item.module is module and hasattr(item, "callspec")]
+    selected = [
+        item.callspec.params["case"]
+        for item in request.session.items
+        if item.module is module and hasattr(item, "callspec")
+    ]
     workers = max(2, min(4, os.cpu_count() or 2))  # the runs are CPU-bound (imports): about one per core
     with ThreadPoolExecutor(max_workers=workers) as pool:
         runs = {}
@@ -129,8 +138,12 @@ def test_an_unreachable_hub_fails_in_one_line_without_retries(tmp_path):
     from tests.scale_out import free_port
 
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connections are refused
-    env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": closed, "HF_HOME": str(tmp_path / "hf"),
-           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {
+        "HF_HUB_OFFLINE": "",
+        "HF_ENDPOINT": closed,
+        "HF_HOME": str(tmp_path / "hf"),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }
     result = run_cli(tmp_path / "run", [*ONE_EPOCH, "reward=aesthetic", f"reward.head_url={closed}/head.pth"], env)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     output = result.stdout + result.stderr
@@ -161,8 +174,13 @@ def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     for key in ("hydra.run.dir", "hydra.sweep.dir"):
-        cmd = [sys.executable, str(ROOT / "train.py"), *(["-m"] if key == "hydra.sweep.dir" else []), *ONE_EPOCH,
-               f"{key}={blocker}/run"]
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *(["-m"] if key == "hydra.sweep.dir" else []),
+            *ONE_EPOCH,
+            f"{key}={blocker}/run",
+        ]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
         lines = [line for line in result.stderr.splitlines() if line.strip()]

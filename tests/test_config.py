@@ -19,8 +19,17 @@ GROUPS = ("model", "pipeline", "reward", "prompt", "logger", "experiment")
 PROMPT_FILE = os.path.join(os.path.dirname(__file__), "fixtures", "two_prompts.txt")
 # what some options need beyond their name to compose and build
 EXTRA = {("prompt", "from_file"): [f"prompt.path={PROMPT_FILE}"]}
-REQUIRED_METRICS = ("epoch", "global_step", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac",
-                    "epoch_time_s", "samples_per_s")
+REQUIRED_METRICS = (
+    "epoch",
+    "global_step",
+    "reward_mean",
+    "reward_std",
+    "loss",
+    "approx_kl",
+    "clipfrac",
+    "epoch_time_s",
+    "samples_per_s",
+)
 
 
 def options(group: str) -> list[str]:
@@ -111,8 +120,14 @@ def test_typed_schema_rejects_bad_keys_and_types():
 
 
 # -- batch arithmetic ---------------------------------------------------------------------------
-PAPER = ["sample.batch_size=8", "sample.num_batches_per_epoch=4", "train.batch_size=4",
-         "train.gradient_accumulation_steps=2", "sample.num_steps=50", "train.timestep_fraction=0.5"]
+PAPER = [
+    "sample.batch_size=8",
+    "sample.num_batches_per_epoch=4",
+    "train.batch_size=4",
+    "train.gradient_accumulation_steps=2",
+    "sample.num_steps=50",
+    "train.timestep_fraction=0.5",
+]
 
 
 def test_plan_batches_paper_preset():

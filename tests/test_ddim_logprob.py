@@ -170,24 +170,35 @@ def test_per_element_timesteps_match_separate_calls(prediction_type):
     prev_sample = torch.randn(shape, generator=gen)
 
     _, batched = ddim_step_with_logprob(scheduler, model_output, timesteps, sample, eta=1.0, prev_sample=prev_sample)
-    separate = torch.cat([
-        ddim_step_with_logprob(
-            scheduler, model_output[i:i + 1], timesteps[i], sample[i:i + 1], eta=1.0, prev_sample=prev_sample[i:i + 1]
-        )[1]
-        for i in range(len(picks))
-    ])
+    separate = torch.cat(
+        [
+            ddim_step_with_logprob(
+                scheduler,
+                model_output[i : i + 1],
+                timesteps[i],
+                sample[i : i + 1],
+                eta=1.0,
+                prev_sample=prev_sample[i : i + 1],
+            )[1]
+            for i in range(len(picks))
+        ]
+    )
     torch.testing.assert_close(batched, separate, atol=1e-6, rtol=1e-6)
     # the per-element results really depend on the timestep (so a shared timestep would be caught)
-    _, shared = ddim_step_with_logprob(
-        scheduler, model_output, timesteps[0], sample, eta=1.0, prev_sample=prev_sample
-    )
+    _, shared = ddim_step_with_logprob(scheduler, model_output, timesteps[0], sample, eta=1.0, prev_sample=prev_sample)
     assert not torch.allclose(batched[1:], shared[1:], atol=1e-3)
 
 
 def test_deterministic_last_step_is_rejected():
     """set_alpha_to_one=True gives the last step zero variance: no log probability exists there."""
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              set_alpha_to_one=True, steps_offset=1, clip_sample=False)
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        clip_sample=False,
+    )
     scheduler.set_timesteps(NUM_STEPS)
     x = torch.zeros(1, 4, 4, 4)
     with pytest.raises(ConfigError, match="set_alpha_to_one"):

@@ -13,14 +13,23 @@ from ddpo.evaluation import diversity, evaluate, flat_metrics, interval
 from ddpo.models.loading import tiny_shapes_dir
 from tests.conftest import ROOT, run_cli
 
-needs_model = pytest.mark.skipif(not (tiny_shapes_dir() / "model_index.json").is_file(),
-                                 reason="the tiny shapes model is not in ddpo/assets/tiny_shapes")
+needs_model = pytest.mark.skipif(
+    not (tiny_shapes_dir() / "model_index.json").is_file(),
+    reason="the tiny shapes model is not in ddpo/assets/tiny_shapes",
+)
 EVALUATE = ROOT / "scripts" / "evaluate.py"
 PLOT_RUNS = ROOT / "scripts" / "plot_runs.py"
 # the shapes preset made small: 4 denoising steps, 8 samples per epoch, 2 seeds per held-out caption
 SMALL_SHAPES = [
-    "experiment=tiny_shapes_alignment", "logger=none", "sample.num_steps=4", "sample.batch_size=4",
-    "train.batch_size=4", "num_epochs=2", "save_freq=2", "eval.every=2", "eval.seeds=2",
+    "experiment=tiny_shapes_alignment",
+    "logger=none",
+    "sample.num_steps=4",
+    "sample.batch_size=4",
+    "train.batch_size=4",
+    "num_epochs=2",
+    "save_freq=2",
+    "eval.every=2",
+    "eval.seeds=2",
 ]
 
 
@@ -64,8 +73,12 @@ def test_evaluation_is_deterministic_and_independent_of_the_batch():
     assert torch.allclose(first.images, other_batch.images, atol=1e-4)
     assert first.summary["num_images"] == 9 and first.prompts[3] == "two blue triangles"
     metrics = flat_metrics(first.summary)
-    assert {"eval_shape_alignment_mean", "eval_shape_alignment_correct", "eval_shape_alignment_position",
-            "eval_diversity"} <= set(metrics)
+    assert {
+        "eval_shape_alignment_mean",
+        "eval_shape_alignment_correct",
+        "eval_shape_alignment_position",
+        "eval_diversity",
+    } <= set(metrics)
     assert first.summary["scores"]["shape_alignment/position"]["n"] == 3  # only the relation caption has one
 
 
@@ -83,8 +96,13 @@ def test_eval_every_logs_what_evaluate_reports_for_the_same_weights(tmp_path):
     assert {"eval_shape_proxy_mean", "eval_diversity"} <= set(evals[0])
 
     out = tmp_path / "eval"
-    done = subprocess.run([sys.executable, str(EVALUATE), str(run_dir), "--seeds", "2", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(EVALUATE), str(run_dir), "--seeds", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["weights"].endswith("checkpoint_00002")
@@ -96,9 +114,22 @@ def test_eval_every_logs_what_evaluate_reports_for_the_same_weights(tmp_path):
     rows = (out / "samples_trained.csv").read_text().splitlines()
     assert len(rows) == 1 + 32 * 2 and rows[0].startswith("prompt,seed,shape_alignment")
 
-    plotted = subprocess.run([sys.executable, str(PLOT_RUNS), str(run_dir), "--metric", "eval_shape_alignment_correct",
-                              "--metric", "eval_shape_proxy_mean", "--out", str(tmp_path / "eval.png")],
-                             capture_output=True, text=True, timeout=300)
+    plotted = subprocess.run(
+        [
+            sys.executable,
+            str(PLOT_RUNS),
+            str(run_dir),
+            "--metric",
+            "eval_shape_alignment_correct",
+            "--metric",
+            "eval_shape_proxy_mean",
+            "--out",
+            str(tmp_path / "eval.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert plotted.returncode == 0, plotted.stderr
     assert (tmp_path / "eval.png").stat().st_size > 0
 
@@ -116,8 +147,13 @@ def test_evaluate_refuses_code_in_a_run_config(tmp_path):
     cfg.eval.prompt = {"_target_": "os.system", "command": "touch " + str(tmp_path / "pwned")}
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     checkpoint = run_dir / "checkpoints" / "checkpoint_1"
-    done = subprocess.run([sys.executable, str(EVALUATE), str(checkpoint), "--seeds", "1"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(EVALUATE), str(checkpoint), "--seeds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode != 0
     assert "not a class of this project" in done.stderr
     assert not (tmp_path / "pwned").exists()

@@ -26,7 +26,11 @@ def test_metrics_are_strict_json(tmp_path):
     metrics.append({"epoch": 0, "approx_kl": float("nan"), "loss": float("inf"), "reward_mean": 0.5})
     line = (tmp_path / "metrics.jsonl").read_text().strip()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) == {
-        "epoch": 0, "approx_kl": None, "loss": None, "reward_mean": 0.5}
+        "epoch": 0,
+        "approx_kl": None,
+        "loss": None,
+        "reward_mean": 0.5,
+    }
 
 
 def test_starting_a_run_writes_no_empty_metrics_file(tmp_path):
@@ -165,8 +169,10 @@ def test_final_is_written_whole_or_rebuilt(three_checkpoints, monkeypatch):
 def test_a_full_disk_removes_the_partial_checkpoint_and_stops_in_one_line(tmp_path):
     mount = tmp_path / "small_disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         # full fine-tuning: the tiny UNet and its optimizer state (~12 MB) do not fit in 1 MB
@@ -207,13 +213,21 @@ def test_diverging_training_stops_before_saving_nan_weights(tmp_path):
         json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
 
 
-@pytest.mark.parametrize("signum, code, words", [(signal.SIGINT, 130, "interrupted during epoch"),
-                                                  (signal.SIGTERM, 143, "terminated (SIGTERM) during epoch")])
+@pytest.mark.parametrize(
+    "signum, code, words",
+    [(signal.SIGINT, 130, "interrupted during epoch"), (signal.SIGTERM, 143, "terminated (SIGTERM) during epoch")],
+)
 def test_ctrl_c_and_sigterm_end_in_one_line_and_resume(tmp_path, signum, code, words):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "num_epochs=200", f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not checkpoint(run_dir, 2).is_dir() and time.monotonic() < deadline and process.poll() is None:

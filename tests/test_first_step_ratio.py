@@ -35,7 +35,7 @@ def first_step_losses(tmp_path, overrides, base=TINY):
     rows = order[: t.batch_size]
     results = []
     for start in range(0, trained, t.timesteps_per_call):
-        steps = step_order[rows, start:start + t.timesteps_per_call]
+        steps = step_order[rows, start : start + t.timesteps_per_call]
         rows_batch = batch.transitions(rows, steps)
         adv = advantages[rows].repeat_interleave(steps.shape[1])
         loss, stats = comps.algorithm.loss(pipeline, rows_batch, adv)

@@ -77,8 +77,14 @@ def test_hook_receives_documented_layout(tmp_path, monkeypatch):
     even when the frozen modules run in bf16."""
     monkeypatch.setattr(hooks, "CALLS", [])
     run_dir = tmp_path / "run"
-    overrides = [*TINY, "num_epochs=2", "sample.num_batches_per_epoch=3", "train.batch_size=3",
-                 "mixed_precision=bf16", "logger.image_hook._target_=tests.fixtures.hooks.recording_hook"]
+    overrides = [
+        *TINY,
+        "num_epochs=2",
+        "sample.num_batches_per_epoch=3",
+        "train.batch_size=3",
+        "mixed_precision=bf16",
+        "logger.image_hook._target_=tests.fixtures.hooks.recording_hook",
+    ]
     _, components = run_in_process(run_dir, overrides)
     assert components.pipeline.vae.dtype == torch.bfloat16  # the decoder really produced bf16 images
 

@@ -38,9 +38,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -90,8 +90,9 @@ def command(run_dir: Path) -> list[str]:
 
 def run_train(run_dir: Path) -> subprocess.CompletedProcess:
     """The run's command, to the end."""
-    return subprocess.run(command(run_dir), cwd=ROOT, env=environment(), capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    return subprocess.run(
+        command(run_dir), cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=TIMEOUT
+    )
 
 
 def kill_at(run_dir: Path, point: str, at_kill: Callable[[Path], None], logs: Path) -> None:
@@ -99,13 +100,21 @@ def kill_at(run_dir: Path, point: str, at_kill: Callable[[Path], None], logs: Pa
     marker = logs / f"{point.replace(':', '_')}.reached"
     marker.unlink(missing_ok=True)
     out = open(logs / f"{point.replace(':', '_')}.killed.log", "w")
-    process = subprocess.Popen(command(run_dir), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-                               env=environment({"DDPO_KILL_POINT": point, "DDPO_KILL_MARKER": str(marker)}))
+    process = subprocess.Popen(
+        command(run_dir),
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environment({"DDPO_KILL_POINT": point, "DDPO_KILL_MARKER": str(marker)}),
+    )
     try:
         deadline = time.monotonic() + TIMEOUT
         while not marker.exists():
-            assert process.poll() is None, f"the run ended (exit {process.returncode}) before reaching " \
-                                           f"{point}:\n{Path(out.name).read_text()[-3000:]}"
+            assert process.poll() is None, (
+                f"the run ended (exit {process.returncode}) before reaching "
+                f"{point}:\n{Path(out.name).read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, f"{point} not reached in {TIMEOUT} s"
             time.sleep(0.05)
         at_kill(run_dir)  # what is on disk at the moment of the kill
@@ -227,6 +236,7 @@ def state(metrics: list[int], checkpoints: list[str], final: bool = False, final
         assert checkpoints_on_disk(run_dir) == checkpoints
         assert (run_dir / "final").is_dir() == final
         assert (run_dir / "final.partial").is_dir() == final_partial
+
     return check
 
 
@@ -243,16 +253,20 @@ MOMENTS = {
     "metrics_written_before_checkpoint": Moment("metrics:2", state([0, 1, 2], names(1, 2)), resumes=2),
     # checkpoint_00003.partial complete (state file included) but not renamed: it must not be used
     "checkpoint_partial_exists": Moment(
-        "checkpoint_partial:3", state([0, 1, 2], names(1, 2) + ["checkpoint_00003.partial"]),
-        resumes=2),
+        "checkpoint_partial:3", state([0, 1, 2], names(1, 2) + ["checkpoint_00003.partial"]), resumes=2
+    ),
     # checkpoint_00002 published, epoch 2 not started
     "checkpoint_just_published": Moment("checkpoint:2", state([0, 1], names(1, 2)), resumes=2),
     # training done, final.partial complete but not renamed: the rerun writes final/ from the last checkpoint
-    "final_partial_exists": Moment("final_partial", state([0, 1, 2, 3], names(2, 3, 4), final_partial=True),
-                                   resumes="is missing: writing it from the last checkpoint"),
+    "final_partial_exists": Moment(
+        "final_partial",
+        state([0, 1, 2, 3], names(2, 3, 4), final_partial=True),
+        resumes="is missing: writing it from the last checkpoint",
+    ),
     # final/ published, the process not yet ended: the rerun says it is complete
-    "final_just_published": Moment("final", state([0, 1, 2, 3], names(2, 3, 4), final=True),
-                                   resumes="already complete"),
+    "final_just_published": Moment(
+        "final", state([0, 1, 2, 3], names(2, 3, 4), final=True), resumes="already complete"
+    ),
     # the reward of the last epoch's first batch: epochs 0-2 and checkpoint_00003 on disk
     "during_last_epoch_reward": Moment("reward:6", state([0, 1, 2], names(1, 2, 3)), resumes=3),
 }
@@ -383,8 +397,9 @@ def test_a_damaged_newest_checkpoint_falls_back_or_stops_in_one_line(name, refer
 
     assert "Traceback" not in output(result), output(result)[-3000:]
     for e, digest in older.items():  # nothing older is lost or touched, whatever the outcome
-        assert checkpoint(run_dir, e).is_dir() and tree_digest(checkpoint(run_dir, e)) == digest, \
+        assert checkpoint(run_dir, e).is_dir() and tree_digest(checkpoint(run_dir, e)) == digest, (
             f"checkpoint_{e:05d} was deleted or changed"
+        )
     if result.returncode != 0:
         line = assert_one_error_line(result)
         assert damaged in line, line
@@ -395,16 +410,18 @@ def test_a_damaged_newest_checkpoint_falls_back_or_stops_in_one_line(name, refer
     if resumed_from(run_dir, N - 1) in said:  # fell back: the warning names the damage; epoch 3 redone, bit-exact
         assert warned, f"no warning names {damaged}:\n" + "\n".join(warnings_in(said))
         assert_same_as_reference(run_dir, reference)
-        RESULTS[f"corruption {name}"] = "fell back to checkpoint_00003, bit-exact; warning: " + \
-            brief(warned[0], run_dir)
+        RESULTS[f"corruption {name}"] = "fell back to checkpoint_00003, bit-exact; warning: " + brief(
+            warned[0], run_dir
+        )
     else:  # the damage does not stop the newest checkpoint from loading: complete, nothing changed
         assert resumed_from(run_dir, N) in said and "already complete" in said, said[-3000:]
         if damaged:
             assert warned, f"no warning names {damaged}:\n" + "\n".join(warnings_in(said))
         assert [r["epoch"] for r in read_metrics(run_dir)] == list(range(N))
         assert tree_digest(run_dir / "final") == tree_digest(reference / "final")
-        RESULTS[f"corruption {name}"] = "resumed from checkpoint_00004 (complete)" + \
-            (f"; warning: {brief(warned[0], run_dir)}" if damaged else ", the stray directory ignored")
+        RESULTS[f"corruption {name}"] = "resumed from checkpoint_00004 (complete)" + (
+            f"; warning: {brief(warned[0], run_dir)}" if damaged else ", the stray directory ignored"
+        )
     assert checkpoint(run_dir, N).is_dir()
 
 
@@ -428,7 +445,10 @@ def test_every_checkpoint_damaged_stops_in_one_line_naming_each(how, reference, 
     for e in (2, 3, 4):
         assert f"checkpoint_{e:05d}" in line, line
     after = tree_digest(run_dir)
-    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)
-               and k not in ("train.log", ".lock") and not k.startswith(".hydra")}
+    changed = {
+        k
+        for k in before.keys() | after.keys()
+        if before.get(k) != after.get(k) and k not in ("train.log", ".lock") and not k.startswith(".hydra")
+    }
     assert not changed, f"files changed or lost: {sorted(changed)}"
     RESULTS[f"all checkpoints damaged ({how})"] = f"stopped in one line: {brief(line, run_dir, 400)}"

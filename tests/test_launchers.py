@@ -47,8 +47,19 @@ def test_launcher_preset_sets_only_keys_the_plugin_accepts(preset, queue_conf):
 
 def test_slurm_preset_requeues_on_time_limits_and_keys_researchers_set():
     written = yaml.safe_load((CONF_DIR / "launcher" / "slurm.yaml").read_text())["hydra"]["launcher"]
-    for key in ("timeout_min", "partition", "account", "qos", "gpus_per_node", "tasks_per_node", "cpus_per_task",
-                "mem_gb", "array_parallelism", "setup", "additional_parameters"):
+    for key in (
+        "timeout_min",
+        "partition",
+        "account",
+        "qos",
+        "gpus_per_node",
+        "tasks_per_node",
+        "cpus_per_task",
+        "mem_gb",
+        "array_parallelism",
+        "setup",
+        "additional_parameters",
+    ):
         assert key in written
     assert written["max_num_timeout"] > 0
     assert written["signal_delay_s"] > compose([]).preemption_grace_s
@@ -78,8 +89,12 @@ def test_sweep_directories_do_not_collide_within_a_second():
 
 def test_local_sweep_runs_every_job_and_plot_runs_summarises_it(tmp_path):
     sweep = tmp_path / "sweep"
-    overrides = ["launcher=local", "reward=jpeg_compressibility,jpeg_incompressibility", *TINY,
-                 "hydra.launcher.timeout_min=10"]
+    overrides = [
+        "launcher=local",
+        "reward=jpeg_compressibility,jpeg_incompressibility",
+        *TINY,
+        "hydra.launcher.timeout_min=10",
+    ]
     result = multirun(sweep, overrides, timeout=400)
     assert result.returncode == 0, failure_report(result, sweep)
 
@@ -118,8 +133,12 @@ def test_plot_runs_compares_run_directories(tmp_path):
     _fake_run(tmp_path / "a", ["model=tiny", "seed=0"], [1.0, 2.0, 3.0])
     _fake_run(tmp_path / "b", ["model=tiny", "seed=1"], [1.0, 1.5])
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, str(PLOT_RUNS), str(tmp_path / "a"), str(tmp_path / "b"),
-                             "--out-dir", str(out)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(PLOT_RUNS), str(tmp_path / "a"), str(tmp_path / "b"), "--out-dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "reward_curves.png").stat().st_size > 0
     with open(out / "summary.csv") as handle:
@@ -131,7 +150,8 @@ def test_plot_runs_compares_run_directories(tmp_path):
 
 
 def test_plot_runs_without_metrics_says_so(tmp_path):
-    result = subprocess.run([sys.executable, str(PLOT_RUNS), str(tmp_path)], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(PLOT_RUNS), str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0
     assert "no metrics.jsonl" in result.stderr

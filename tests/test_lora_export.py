@@ -32,7 +32,7 @@ def lora_params(unet):
         for marker in ("lora_A", "lora_B"):
             if marker in parts:
                 i = parts.index(marker)
-                found[".".join(parts[:i + 1] + parts[i + 2:])] = p.detach()
+                found[".".join(parts[: i + 1] + parts[i + 2 :])] = p.detach()
     return found
 
 

@@ -24,9 +24,18 @@ from tests.scale_out import epochs, failure_report, free_port, multirun, subproc
 
 # full fine-tuning (its starting weights are fixed by the tiny model's seed), no per-prompt tracking
 # (so every sample counts), one optimizer step per epoch, a checkpoint after every epoch
-COMMON = ["model=tiny", "logger=none", "mixed_precision=no", "use_lora=false", "sample.num_steps=3",
-          "sample.batch_size=2", "num_epochs=2", "save_freq=1", "per_prompt_stat_tracking.enabled=false",
-          "reward._target_=tests.fixtures.smooth_rewards.MeanBrightness"]
+COMMON = [
+    "model=tiny",
+    "logger=none",
+    "mixed_precision=no",
+    "use_lora=false",
+    "sample.num_steps=3",
+    "sample.batch_size=2",
+    "num_epochs=2",
+    "save_freq=1",
+    "per_prompt_stat_tracking.enabled=false",
+    "reward._target_=tests.fixtures.smooth_rewards.MeanBrightness",
+]
 ONE_PROCESS = [*COMMON, "sample.num_batches_per_epoch=2", "train.batch_size=4"]
 PER_PROCESS_OF_TWO = [*COMMON, "sample.num_batches_per_epoch=1", "train.batch_size=2"]
 # the same number of threads in every process makes the float arithmetic the same
@@ -95,12 +104,34 @@ def test_accelerate_launch_two_cpu_processes_match_one_process(tmp_path, algorit
     # each rank resolves ${now:} itself: the ranks' directories differ, and the run must use rank 0's
     runs = tmp_path / "runs"
     # ACCELERATE_USE_CPU + --multi_gpu is what starts a real 2-process gloo run without GPUs
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()),
-           str(ROOT / "train.py"), *PER_PROCESS_OF_TWO, *algorithm, f"hydra.run.dir={runs}/${{now:%H-%M-%S-%f}}"]
-    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(ACCELERATE_USE_CPU="true", **ENV),
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "train.py"),
+        *PER_PROCESS_OF_TWO,
+        *algorithm,
+        f"hydra.run.dir={runs}/${{now:%H-%M-%S-%f}}",
+    ]
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=subprocess_env(ACCELERATE_USE_CPU="true", **ENV),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     run_dirs = list(runs.iterdir())
     assert len(run_dirs) == 1, f"rank 1 left its own Hydra directory: {run_dirs}"
@@ -113,8 +144,18 @@ def test_accelerate_launch_two_cpu_processes_match_one_process(tmp_path, algorit
 
 def test_two_task_submitit_job_matches_one_process(tmp_path, algorithm, one_process_run, initial_weights):
     sweep = tmp_path / "sweep"
-    result = multirun(sweep, ["launcher=local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10",
-                              *PER_PROCESS_OF_TWO, *algorithm], env=subprocess_env(**ENV), timeout=TIMEOUT)
+    result = multirun(
+        sweep,
+        [
+            "launcher=local",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.timeout_min=10",
+            *PER_PROCESS_OF_TWO,
+            *algorithm,
+        ],
+        env=subprocess_env(**ENV),
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 0, failure_report(result, sweep)
     assert_same_run(sweep / "0", one_process_run, initial_weights)
     assert len(list(sweep.glob(".submitit/*/*_1_log.err"))) == 1, "the job did not have a second task"

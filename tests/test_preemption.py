@@ -91,8 +91,17 @@ def test_signal_follows_submitit_setting(monkeypatch):
 # -- the whole path ------------------------------------------------------------------------------
 NUM_EPOCHS = 8
 # save_freq larger than where the signal lands, so that resuming needs the preemption checkpoint
-PREEMPTIBLE = ["model=tiny", "logger=none", "mixed_precision=no", "sample.num_steps=4", "sample.batch_size=2",
-               "sample.num_batches_per_epoch=2", "train.batch_size=2", f"num_epochs={NUM_EPOCHS}", "save_freq=5"]
+PREEMPTIBLE = [
+    "model=tiny",
+    "logger=none",
+    "mixed_precision=no",
+    "sample.num_steps=4",
+    "sample.batch_size=2",
+    "sample.num_batches_per_epoch=2",
+    "train.batch_size=2",
+    f"num_epochs={NUM_EPOCHS}",
+    "save_freq=5",
+]
 
 
 def assert_resumed_once(run_dir):
@@ -105,8 +114,9 @@ def assert_resumed_once(run_dir):
 def _job_ids(sweep, count: int, pattern: str):
     """The ids of the sweep's jobs (``.submitit/<job id>/``) once there are ``count``, in job order."""
     root = Path(sweep) / ".submitit"
-    found = sorted(p.name for p in root.glob("*") if p.is_dir() and re.fullmatch(pattern, p.name)) \
-        if root.is_dir() else []
+    found = (
+        sorted(p.name for p in root.glob("*") if p.is_dir() and re.fullmatch(pattern, p.name)) if root.is_dir() else []
+    )
     return sorted(found, key=lambda name: [int(part) for part in name.split("_")]) if len(found) >= count else None
 
 
@@ -115,13 +125,24 @@ def _global_rank(pid: int) -> int:
     return int(next(v for v in environ if v.startswith(b"SUBMITIT_LOCAL_GLOBALID=")).split(b"=")[1])
 
 
-@pytest.mark.parametrize("algorithm", [[], ["algorithm=grpo", "algorithm.group_size=4", "algorithm.kl_coef=1.0"]],
-                         ids=["ddpo", "grpo-kl"])
+@pytest.mark.parametrize(
+    "algorithm", [[], ["algorithm=grpo", "algorithm.group_size=4", "algorithm.kl_coef=1.0"]], ids=["ddpo", "grpo-kl"]
+)
 def test_two_task_local_job_checkpoints_when_one_rank_is_signalled_and_resumes(tmp_path, algorithm):
     """Only rank 1 gets the signal: the ranks agree at the epoch end, both save, rank 0 requeues."""
     sweep = tmp_path / "sweep"
-    launcher = multirun(sweep, ["launcher=local", "hydra.launcher.timeout_min=10", "hydra.launcher.tasks_per_node=2",
-                                *PREEMPTIBLE, *algorithm], env=subprocess_env(OMP_NUM_THREADS="1"), wait=False)
+    launcher = multirun(
+        sweep,
+        [
+            "launcher=local",
+            "hydra.launcher.timeout_min=10",
+            "hydra.launcher.tasks_per_node=2",
+            *PREEMPTIBLE,
+            *algorithm,
+        ],
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        wait=False,
+    )
     try:
         wait_for(lambda: len(epochs(sweep / "0")) >= 2, 240, "2 epochs of the job", process=launcher)
         assert len(epochs(sweep / "0")) <= NUM_EPOCHS - 3, "the job ran too fast to be preempted in the middle"
@@ -165,18 +186,26 @@ def slurm_cluster():
 @pytest.mark.slow
 def test_slurm_sweep_jobs_resume_after_preemption_and_requeue(tmp_path, slurm_cluster):
     sweep = tmp_path / "sweep"
-    launcher = multirun(sweep, [
-        "launcher=slurm", "reward=jpeg_compressibility,jpeg_incompressibility", *PREEMPTIBLE,
-        # what a CPU-only one-node cluster has
-        "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=null", "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.timeout_min=20",
-    ], wait=False)
+    launcher = multirun(
+        sweep,
+        [
+            "launcher=slurm",
+            "reward=jpeg_compressibility,jpeg_incompressibility",
+            *PREEMPTIBLE,
+            # what a CPU-only one-node cluster has
+            "hydra.launcher.gpus_per_node=null",
+            "hydra.launcher.mem_gb=null",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=20",
+        ],
+        wait=False,
+    )
     job_ids = None
     try:
         # array task ids <array>_<k> (the folder named <array> alone holds the submission)
         job_ids = wait_for(lambda: _job_ids(sweep, 2, r"\d+_\d+"), 120, "the job array", process=launcher)
         for job_id, run in zip(job_ids, ("0", "1")):
-            wait_for(lambda: len(epochs(sweep / run)) >= 2, 300, f"2 epochs of job {run}", process=launcher)
+            wait_for(lambda run=run: len(epochs(sweep / run)) >= 2, 300, f"2 epochs of job {run}", process=launcher)
             done = len(epochs(sweep / run))
             assert done <= NUM_EPOCHS - 3, "the job ran too fast to be preempted in the middle"
             # what SLURM does before a time limit or on preemption: USR2 to every task of the job
@@ -194,12 +223,21 @@ def test_slurm_sweep_jobs_resume_after_preemption_and_requeue(tmp_path, slurm_cl
 @pytest.mark.slow
 def test_slurm_two_task_job_is_one_run_with_world_size_2(tmp_path, slurm_cluster):
     sweep = tmp_path / "sweep"
-    result = multirun(sweep, [
-        "launcher=slurm", *(o for o in PREEMPTIBLE if not o.startswith("num_epochs=")), "num_epochs=2",
-        "hydra.launcher.tasks_per_node=2",
-        "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=null", "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.timeout_min=20",
-    ], env=subprocess_env(OMP_NUM_THREADS="1"), timeout=600)
+    result = multirun(
+        sweep,
+        [
+            "launcher=slurm",
+            *(o for o in PREEMPTIBLE if not o.startswith("num_epochs=")),
+            "num_epochs=2",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.gpus_per_node=null",
+            "hydra.launcher.mem_gb=null",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=20",
+        ],
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = (sweep / "0" / "train.log").read_text()
     assert "world size 2;" in log and "rank 1 of 2" in log, log[-3000:]

@@ -1,6 +1,6 @@
 """The quick start's promise, checked end to end (slow: four ~2-4-minute CPU runs).
 
-    pytest -m slow tests/test_quickstart.py
+pytest -m slow tests/test_quickstart.py
 """
 
 import math
@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 
 def trend_in_standard_errors(records) -> float:
     """(mean reward of the last 3 epochs - first 3) / its standard error."""
+
     def mean_and_se(rows):
         mean = sum(r["reward_mean"] for r in rows) / len(rows)
         se = math.sqrt(sum((r["reward_std"] / math.sqrt(r["num_samples"])) ** 2 for r in rows)) / len(rows)
@@ -24,8 +25,11 @@ def trend_in_standard_errors(records) -> float:
     return (last - first) / math.hypot(first_se, last_se)
 
 
-@pytest.mark.parametrize("overrides", [[], ["reward=jpeg_incompressibility"], ["algorithm=grpo", "algorithm.group_size=4"]],
-                         ids=["compressibility", "incompressibility", "grpo-compressibility"])
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["reward=jpeg_incompressibility"], ["algorithm=grpo", "algorithm.group_size=4"]],
+    ids=["compressibility", "incompressibility", "grpo-compressibility"],
+)
 def test_tiny_preset_learns_its_reward(tmp_path, overrides):
     result = run_cli(tmp_path, ["experiment=tiny_compressibility", "logger=none", *overrides], timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -65,8 +65,10 @@ def snapshot(directory: Path) -> dict[str, tuple[int, str]]:
                 continue
             path = os.path.join(root, name)
             with open(path, "rb") as handle:
-                found[os.path.relpath(path, directory)] = (os.stat(path).st_mtime_ns,
-                                                           hashlib.sha256(handle.read()).hexdigest())
+                found[os.path.relpath(path, directory)] = (
+                    os.stat(path).st_mtime_ns,
+                    hashlib.sha256(handle.read()).hexdigest(),
+                )
     return found
 
 
@@ -113,8 +115,13 @@ def test_killed_after_a_checkpoint_resumes_without_gaps(reference, tmp_path, mon
     run_dir = tmp_path / "run"
     # checkpoints after epochs 2 and 4; epoch index 2 is recorded, then the run dies in epoch 3
     # (reward calls 0-5 are epochs 0-2, two sampling batches each)
-    killed = [*RUN, f"num_epochs={N}", "save_freq=2",
-              "reward._target_=tests.fixtures.bad_rewards.FailOnCall", "+reward.fail_on_call=6"]
+    killed = [
+        *RUN,
+        f"num_epochs={N}",
+        "save_freq=2",
+        "reward._target_=tests.fixtures.bad_rewards.FailOnCall",
+        "+reward.fail_on_call=6",
+    ]
     with pytest.raises(SimulatedKill):
         run_in_process(run_dir, killed)
     assert [r["epoch"] for r in read_metrics(run_dir)] == [0, 1, 2]
@@ -190,12 +197,15 @@ def test_full_finetuning_resumes_from_its_diffusers_checkpoint(tmp_path):
         torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("algorithm", [
-    pytest.param(["algorithm=grpo", "algorithm.group_size=2"], id="grpo"),
-    # after a resume the reference is still the base model (not the resumed weights): kl_ref matches
-    pytest.param(["use_lora=false", "algorithm.kl_coef=100"], id="kl-full-finetuning"),
-    pytest.param(["algorithm.kl_coef=100"], id="kl-lora"),
-])
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        pytest.param(["algorithm=grpo", "algorithm.group_size=2"], id="grpo"),
+        # after a resume the reference is still the base model (not the resumed weights): kl_ref matches
+        pytest.param(["use_lora=false", "algorithm.kl_coef=100"], id="kl-full-finetuning"),
+        pytest.param(["algorithm.kl_coef=100"], id="kl-lora"),
+    ],
+)
 def test_new_algorithms_resume_exactly(tmp_path, algorithm):
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     run_in_process(whole, [*RUN, *algorithm, "num_epochs=3"])

@@ -7,8 +7,12 @@ import torch
 
 from tests.conftest import TINY, read_metrics, run_in_process
 
-SHARED_HEAD = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "laion-aesthetic" / (
-    "sac+logos+ava1-l14-linearMSE.pth"
+SHARED_HEAD = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "assets"
+    / "laion-aesthetic"
+    / ("sac+logos+ava1-l14-linearMSE.pth")
 )
 
 
@@ -28,8 +32,11 @@ def head_overrides(tmp_path):
 def test_aesthetic_reward_trains_the_tiny_model_end_to_end(tmp_path, head_overrides):
     """Sampling -> aesthetic score (tiny local CLIP + head) -> advantages -> PPO step, one epoch."""
     run_dir = tmp_path / "run"
-    overrides = TINY + ["num_epochs=1", "reward=aesthetic", "reward.clip_model=tiny-test",
-                        "reward.clip_pretrained=null"] + head_overrides
+    overrides = (
+        TINY
+        + ["num_epochs=1", "reward=aesthetic", "reward.clip_model=tiny-test", "reward.clip_pretrained=null"]
+        + head_overrides
+    )
     final_reward, components = run_in_process(run_dir, overrides)
     (record,) = read_metrics(run_dir)
     assert type(components.reward_fn).__name__ == "AestheticReward"

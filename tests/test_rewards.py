@@ -117,12 +117,21 @@ def reward_hf_clip_dir(tmp_path_factory) -> Path:
     special = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, **special,
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            **special,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=32, patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
         ),
         projection_dim=16,
     )
@@ -222,9 +231,11 @@ def test_real_head_passes_sha256_and_loads_with_strict_keys():
     path = resolve_head_path(SHARED_HEAD)  # default: checks the published sha256
     head = load_head(path)
     state_dict = torch.load(SHARED_HEAD, map_location="cpu", weights_only=True)
-    assert set(head.state_dict()) == set(state_dict) == {
-        f"layers.{i}.{kind}" for i in (0, 2, 4, 6, 7) for kind in ("weight", "bias")
-    }
+    assert (
+        set(head.state_dict())
+        == set(state_dict)
+        == {f"layers.{i}.{kind}" for i in (0, 2, 4, 6, 7) for kind in ("weight", "bias")}
+    )
     _assert_frozen(head)
     scores = head(torch.nn.functional.normalize(torch.randn(4, 768), dim=-1))
     assert scores.shape == (4,) and torch.isfinite(scores).all()
@@ -521,7 +532,15 @@ def _instantiate(cfg):
 
 def test_every_reward_option_has_a_yaml():
     names = {path.stem for path in REWARD_CONF.glob("*.yaml")}
-    assert {"jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "pickscore", "hpsv2", "clip_score", "mix"} <= names
+    assert {
+        "jpeg_compressibility",
+        "jpeg_incompressibility",
+        "aesthetic",
+        "pickscore",
+        "hpsv2",
+        "clip_score",
+        "mix",
+    } <= names
 
 
 @pytest.mark.parametrize("path", sorted(REWARD_CONF.glob("*.yaml")), ids=lambda p: p.stem)
@@ -548,11 +567,15 @@ def test_mix_config_accepts_a_component_from_the_command_line():
     torch.testing.assert_close(total, info["compressibility"] + 0.5 * info["detail"])
 
 
-def test_model_reward_configs_instantiate_with_tiny_models(reward_random_head, reward_hf_clip_dir, reward_hps_checkpoint):
+def test_model_reward_configs_instantiate_with_tiny_models(
+    reward_random_head, reward_hf_clip_dir, reward_hps_checkpoint
+):
     overrides = {
         "aesthetic": [
-            "reward.clip_model=tiny-test", "reward.clip_pretrained=null",
-            f"reward.head_path='{reward_random_head}'", "reward.head_sha256=null",
+            "reward.clip_model=tiny-test",
+            "reward.clip_pretrained=null",
+            f"reward.head_path='{reward_random_head}'",
+            "reward.head_sha256=null",
         ],
         "pickscore": [f"reward.model_path='{reward_hf_clip_dir}'", f"reward.processor_path='{reward_hf_clip_dir}'"],
         "clip_score": [f"reward.model_path='{reward_hf_clip_dir}'"],
@@ -576,7 +599,6 @@ def test_importing_rewards_imports_no_model_library():
     assert result.stdout.strip() == "[]"
 
 
-
 def test_reward_models_score_in_fp32_whatever_the_mixed_precision(tmp_path, reward_random_head):
     """The run's mixed precision casts the diffusion model, not the reward: bf16 runs score like fp32 runs."""
     from ddpo.config import build
@@ -585,9 +607,17 @@ def test_reward_models_score_in_fp32_whatever_the_mixed_precision(tmp_path, rewa
     images = _smooth_images(3, 64, 64)
     scores = {}
     for precision in ("no", "bf16"):
-        cfg = compose([*TINY, f"mixed_precision={precision}", "reward=aesthetic", "reward.clip_model=tiny-test",
-                       "reward.clip_pretrained=null", f"reward.head_path='{reward_random_head}'",
-                       "reward.head_sha256=null"])
+        cfg = compose(
+            [
+                *TINY,
+                f"mixed_precision={precision}",
+                "reward=aesthetic",
+                "reward.clip_model=tiny-test",
+                "reward.clip_pretrained=null",
+                f"reward.head_path='{reward_random_head}'",
+                "reward.head_sha256=null",
+            ]
+        )
         torch.manual_seed(0)  # the tiny CLIP's random weights
         _, components = build(cfg, str(tmp_path / precision))
         assert components.reward_fn.dtype == torch.float32
@@ -595,7 +625,13 @@ def test_reward_models_score_in_fp32_whatever_the_mixed_precision(tmp_path, rewa
     torch.testing.assert_close(scores["bf16"], scores["no"], rtol=0, atol=0)
 
     # a reward can still be asked to score in bf16 (reward.dtype)
-    cfg = _compose_reward("aesthetic", "reward.clip_model=tiny-test", "reward.clip_pretrained=null",
-                          f"reward.head_path='{reward_random_head}'", "reward.head_sha256=null", "reward.dtype=bf16")
+    cfg = _compose_reward(
+        "aesthetic",
+        "reward.clip_model=tiny-test",
+        "reward.clip_pretrained=null",
+        f"reward.head_path='{reward_random_head}'",
+        "reward.head_sha256=null",
+        "reward.dtype=bf16",
+    )
     reward = _instantiate(cfg).to("cpu")
     assert reward.dtype == torch.bfloat16 and next(reward.clip.parameters()).dtype == torch.bfloat16

@@ -12,8 +12,14 @@ SCRIPT = ROOT / "scripts" / "sample.py"
 
 
 def sample(*args, timeout=300):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def assert_one_line_error(result, *words):
@@ -46,10 +52,13 @@ def test_a_checkpoint_directory_samples_its_weights(lora_run):
     assert out.is_file() and f"LoRA from {checkpoint}" in result.stdout
 
 
-@pytest.mark.parametrize("model", [
-    "{_target_: os.system, command: 'touch {marker}'}",
-    "{_target_: ddpo.models.tiny_model, path: {_target_: os.system, command: 'touch {marker}'}}",
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "{_target_: os.system, command: 'touch {marker}'}",
+        "{_target_: ddpo.models.tiny_model, path: {_target_: os.system, command: 'touch {marker}'}}",
+    ],
+)
 def test_a_crafted_run_config_runs_no_code(tmp_path, model):
     marker = tmp_path / "payload_ran"
     run_dir = tmp_path / "run"

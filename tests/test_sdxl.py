@@ -48,8 +48,10 @@ def unet_output(unet, seed=0):
     latents = torch.randn(2, unet.config.in_channels, size, size, generator=gen)
     embeds = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
     pooled_dim = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(2, pooled_dim, generator=gen),
-             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    added = {
+        "text_embeds": torch.randn(2, pooled_dim, generator=gen),
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+    }
     with torch.no_grad():
         return unet(latents, torch.tensor([500, 20]), embeds, added_cond_kwargs=added).sample
 
@@ -65,8 +67,9 @@ def test_conditioning_is_diffusers_sdxl_conditioning(force_zeros):
     ours = StableDiffusionXLDDPOPipeline(pipe, num_steps=3, eta=1.0, guidance_scale=5.0)
     prompts = ["a cat", "a dog riding a bike"]
     cond = ours.encode_prompts(prompts)
-    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, device="cpu",
-                                                                   do_classifier_free_guidance=True)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompts, device="cpu", do_classifier_free_guidance=True
+    )
     torch.testing.assert_close(cond["prompt_embeds"], embeds, rtol=0, atol=0)
     torch.testing.assert_close(cond["pooled_prompt_embeds"], pooled, rtol=0, atol=0)
     # the negative is encoded once, at batch size 1 (diffusers encodes it per batch): float noise only
@@ -74,8 +77,13 @@ def test_conditioning_is_diffusers_sdxl_conditioning(force_zeros):
     torch.testing.assert_close(ours_negative, negative, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours_negative_pooled, negative_pooled, rtol=0, atol=1e-6)
     assert bool((negative == 0).all()) == force_zeros
-    time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), dtype=torch.float32,
-                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    time_ids = pipe._get_add_time_ids(
+        (64, 64),
+        (0, 0),
+        (64, 64),
+        dtype=torch.float32,
+        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+    )
     torch.testing.assert_close(cond["add_time_ids"], time_ids.expand(2, -1), rtol=0, atol=0)
     # SDXL's scheduler is Euler; the DDIM that replaces it keeps its schedule and does not clip x0
     config = ours.scheduler.config
@@ -180,12 +188,18 @@ def test_sample_script_samples_an_sdxl_run(tmp_path):
 # -- the model/pipeline fit ----------------------------------------------------------------------
 MISMATCHES = {
     # overrides -> words the one-line error must hold
-    "sdxl-with-ddim": (["model=sdxl", "pipeline=ddim"], ["load_stable_diffusion_xl", "pipeline=ddim",
-                                                          "StableDiffusionXLPipeline", "use pipeline=sdxl"]),
-    "tiny_sdxl-with-ddim": (["model=tiny_sdxl", "pipeline=ddim"], ["tiny_sdxl_model", "pipeline=ddim",
-                                                                    "use pipeline=sdxl"]),
-    "tiny-with-sdxl": (["model=tiny", "pipeline=sdxl"], ["tiny_model", "pipeline=sdxl",
-                                                          "StableDiffusionPipeline", "use pipeline=ddim"]),
+    "sdxl-with-ddim": (
+        ["model=sdxl", "pipeline=ddim"],
+        ["load_stable_diffusion_xl", "pipeline=ddim", "StableDiffusionXLPipeline", "use pipeline=sdxl"],
+    ),
+    "tiny_sdxl-with-ddim": (
+        ["model=tiny_sdxl", "pipeline=ddim"],
+        ["tiny_sdxl_model", "pipeline=ddim", "use pipeline=sdxl"],
+    ),
+    "tiny-with-sdxl": (
+        ["model=tiny", "pipeline=sdxl"],
+        ["tiny_model", "pipeline=sdxl", "StableDiffusionPipeline", "use pipeline=ddim"],
+    ),
 }
 
 
@@ -248,10 +262,13 @@ def test_v_prediction_model_trains(tmp_path):
 
 # -- learning (slow) ---------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [
-    pytest.param(["experiment=tiny_sdxl_compressibility"], id="tiny_sdxl"),
-    pytest.param(["experiment=tiny_compressibility", "model.prediction_type=v_prediction"], id="tiny-v-prediction"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(["experiment=tiny_sdxl_compressibility"], id="tiny_sdxl"),
+        pytest.param(["experiment=tiny_compressibility", "model.prediction_type=v_prediction"], id="tiny-v-prediction"),
+    ],
+)
 def test_learns_jpeg_compressibility(tmp_path, overrides):
     started = time.perf_counter()
     result = run_cli(tmp_path, [*overrides, "logger=none"], timeout=900)
@@ -261,6 +278,8 @@ def test_learns_jpeg_compressibility(tmp_path, overrides):
     trend = trend_in_standard_errors(records)
     first = sum(r["reward_mean"] for r in records[:3]) / 3
     last = sum(r["reward_mean"] for r in records[-3:]) / 3
-    print(f"{overrides}: first 3 {first:.4f}, last 3 {last:.4f}, {trend:.1f} standard errors, "
-          f"{time.perf_counter() - started:.0f} s")
+    print(
+        f"{overrides}: first 3 {first:.4f}, last 3 {last:.4f}, {trend:.1f} standard errors, "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     assert trend > 3

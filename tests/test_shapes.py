@@ -13,8 +13,9 @@ from ddpo.models.loading import tiny_shapes_dir
 from ddpo.prompts import ShapesPrompts, shapes_eval_prompts
 
 SHIPPED = tiny_shapes_dir()
-needs_model = pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(),
-                                 reason="the tiny shapes model is not in ddpo/assets/tiny_shapes")
+needs_model = pytest.mark.skipif(
+    not (SHIPPED / "model_index.json").is_file(), reason="the tiny shapes model is not in ddpo/assets/tiny_shapes"
+)
 
 
 def test_grammar_round_trips_and_splits_are_disjoint():
@@ -101,14 +102,21 @@ def test_shape_alignment_reward():
     rng = random.Random(3)
     prompts = ["two red circles", "a blue square left of a yellow triangle"]
     right = [shapes.render_scene(shapes.parse(p), rng) for p in prompts]
-    wrong = [shapes.render_scene(shapes.parse("three red circles"), rng),
-             shapes.render_scene(shapes.parse("a blue square right of a yellow triangle"), rng)]
+    wrong = [
+        shapes.render_scene(shapes.parse("three red circles"), rng),
+        shapes.render_scene(shapes.parse("a blue square right of a yellow triangle"), rng),
+    ]
     images = torch.from_numpy(np.stack(right + wrong)).permute(0, 3, 1, 2).float() / 255
     values, info = reward(images, prompts + prompts, [{}] * 4)
     assert values.tolist() == pytest.approx([1.0, 1.0, 2 / 3, 3 / 4])
     assert info["correct"].tolist() == [1, 1, 0, 0]
     assert info["count"].tolist() == [1, 1, 0, 1]
-    assert math.isnan(info["position"][0]) and info["position"][1] == 1 and info["position"][3] == 0 and math.isnan(info["position"][2])
+    assert (
+        math.isnan(info["position"][0])
+        and info["position"][1] == 1
+        and info["position"][3] == 0
+        and math.isnan(info["position"][2])
+    )
     with pytest.raises(ConfigError, match="shapes grammar"):
         reward(images[:1], ["a cat"], [{}])
 

@@ -104,8 +104,13 @@ def test_job_threads_come_from_the_local_launcher_or_slurm():
 def test_limit_threads_in_a_slurm_job_sets_torch_and_openmp(caplog):
     import torch
 
-    environ = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1", "SLURM_PROCID": "0",
-               "CUDA_VISIBLE_DEVICES": "0"}
+    environ = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "7",
+        "SLURM_CPUS_PER_TASK": "1",
+        "SLURM_PROCID": "0",
+        "CUDA_VISIBLE_DEVICES": "0",
+    }
     before = torch.get_num_threads()
     try:
         with caplog.at_level("INFO", logger="ddpo.resources"):
@@ -120,8 +125,12 @@ def test_limit_threads_in_a_slurm_job_sets_torch_and_openmp(caplog):
 def test_two_job_local_sweep_splits_the_cores(tmp_path):
     sweep = tmp_path / "sweep"
     # no GPU visible (as on this CPU-only machine, and on any other): the preset's gpus_per_node=1 runs on the CPU
-    result = multirun(sweep, ["launcher=local", *TINY, "seed=0,1", "hydra.launcher.timeout_min=10"],
-                      env=subprocess_env(CUDA_VISIBLE_DEVICES=""), timeout=400)
+    result = multirun(
+        sweep,
+        ["launcher=local", *TINY, "seed=0,1", "hydra.launcher.timeout_min=10"],
+        env=subprocess_env(CUDA_VISIBLE_DEVICES=""),
+        timeout=400,
+    )
     assert result.returncode == 0, failure_report(result, sweep)
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # 1 on a 2-core machine
     assert "(2 job(s), at most 2 at once)" in result.stdout + result.stderr

@@ -39,7 +39,7 @@ def weighted_loss_and_grads(comps, samples, advantages, rows, steps, per_call):
     trained = steps.shape[1]
     total = torch.zeros(())
     for start in range(0, trained, per_call):
-        part = steps[:, start:start + per_call]
+        part = steps[:, start : start + per_call]
         batch = samples.transitions(rows, part)
         adv = advantages[rows].repeat_interleave(part.shape[1])
         loss, _ = comps.algorithm.loss(pipeline, batch, adv)
@@ -84,7 +84,7 @@ def test_grouped_timesteps_give_same_loss_and_gradients(tmp_path, sampled, pertu
 
     # a wrong weighting (each call's mean loss at full weight) would not match: the check can fail
     wrong = sum(
-        comps.algorithm.loss(pipeline, samples.transitions(rows, steps[:, j:j + 1]), advantages[rows])[0].detach()
+        comps.algorithm.loss(pipeline, samples.transitions(rows, steps[:, j : j + 1]), advantages[rows])[0].detach()
         for j in range(3)
     )
     assert not torch.allclose(wrong, one_loss, rtol=1e-3)

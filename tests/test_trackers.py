@@ -54,8 +54,8 @@ def wandb_run_record(path):
         if block - offset % block < 7:  # a block's tail too short for a chunk header is padding
             offset += block - offset % block
             continue
-        length, kind = struct.unpack("<HB", data[offset + 4:offset + 7])
-        chunk, offset = data[offset + 7:offset + 7 + length], offset + 7 + length
+        length, kind = struct.unpack("<HB", data[offset + 4 : offset + 7])
+        chunk, offset = data[offset + 7 : offset + 7 + length], offset + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -129,8 +129,9 @@ def test_wandb_run_resumes_the_same_run_id(tmp_path, monkeypatch, clean_wandb_en
 
 
 def hydra_node(mode, task):
-    return OmegaConf.create({"mode": mode, "sweep": {"dir": "multirun/2025-01-01/12-00-00.000001"},
-                             "overrides": {"task": task}})
+    return OmegaConf.create(
+        {"mode": mode, "sweep": {"dir": "multirun/2025-01-01/12-00-00.000001"}, "overrides": {"task": task}}
+    )
 
 
 def test_sweep_labels_from_the_hydra_config():
@@ -138,8 +139,10 @@ def test_sweep_labels_from_the_hydra_config():
 
     long = "prompt.path=/" + "x" * 80
     labels = sweep_labels(hydra_node(RunMode.MULTIRUN, ["seed=1", "reward=jpeg_compressibility", long]))
-    assert labels == {"group": "multirun/2025-01-01/12-00-00.000001",
-                      "tags": ["seed=1", "reward=jpeg_compressibility", long[:64]]}
+    assert labels == {
+        "group": "multirun/2025-01-01/12-00-00.000001",
+        "tags": ["seed=1", "reward=jpeg_compressibility", long[:64]],
+    }
     assert sweep_labels(hydra_node(RunMode.RUN, ["seed=1"])) == {}
 
 
@@ -171,8 +174,17 @@ def test_multirun_job_has_the_sweep_group_and_its_overrides_as_tags(tmp_path):
 def test_new_algorithm_metrics_reach_the_tracker(tmp_path):
     """GRPO with a KL penalty: kl_ref and the loop's metrics are TensorBoard scalars like every metric."""
     run_dir = tmp_path / "run"
-    run_in_process(run_dir, [*TINY, "logger=tensorboard", "num_epochs=2", "algorithm=grpo", "algorithm.group_size=2",
-                             "algorithm.kl_coef=1.0"])
+    run_in_process(
+        run_dir,
+        [
+            *TINY,
+            "logger=tensorboard",
+            "num_epochs=2",
+            "algorithm=grpo",
+            "algorithm.group_size=2",
+            "algorithm.kl_coef=1.0",
+        ],
+    )
     accumulator = event_accumulator(run_dir)
     steps = [r["global_step"] for r in read_metrics(run_dir)]
     for tag in ("kl_ref", "reward_mean", "approx_kl"):

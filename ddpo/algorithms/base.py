@@ -90,11 +90,13 @@ class Algorithm(ABC):
                 loss = loss + self.kl_coef * kl.mean()
             stats["kl_ref"] = kl.detach().mean()
         with torch.no_grad():
-            stats.update({
-                "approx_kl": 0.5 * torch.mean((log_prob - old) ** 2),
-                "clipfrac": torch.mean((torch.abs(ratio - 1.0) > self.clip_range).float()),
-                "ratio_dev_max": torch.max(torch.abs(ratio - 1.0)),
-            })
+            stats.update(
+                {
+                    "approx_kl": 0.5 * torch.mean((log_prob - old) ** 2),
+                    "clipfrac": torch.mean((torch.abs(ratio - 1.0) > self.clip_range).float()),
+                    "ratio_dev_max": torch.max(torch.abs(ratio - 1.0)),
+                }
+            )
         return loss, stats
 
     # -- state (checkpointed as JSON) ---------------------------------------------------------------

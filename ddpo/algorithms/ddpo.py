@@ -16,11 +16,20 @@ class DDPO(Algorithm):
         stat_tracking: ``{enabled, buffer_size, min_count}`` (the run's ``per_prompt_stat_tracking``).
     """
 
-    def __init__(self, clip_range: float, adv_clip_max: float, stat_tracking: dict, kl_coef: float = 0.0,
-                 track_kl_ref: bool = False):
+    def __init__(
+        self,
+        clip_range: float,
+        adv_clip_max: float,
+        stat_tracking: dict,
+        kl_coef: float = 0.0,
+        track_kl_ref: bool = False,
+    ):
         super().__init__(clip_range, adv_clip_max, kl_coef, track_kl_ref)
-        self.tracker = (PerPromptStatTracker(stat_tracking["buffer_size"], stat_tracking["min_count"])
-                        if stat_tracking["enabled"] else None)
+        self.tracker = (
+            PerPromptStatTracker(stat_tracking["buffer_size"], stat_tracking["min_count"])
+            if stat_tracking["enabled"]
+            else None
+        )
 
     def raw_advantages(self, rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
         if self.tracker is not None:

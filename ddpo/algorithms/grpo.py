@@ -17,15 +17,24 @@ from ddpo.seeds import derived_seed, group_seed, sample_seed
 
 class GRPO(Algorithm):
     """Args:
-        group_size: samples per prompt in every epoch (>= 2).
-        scale_by_std: divide by the group's std (GRPO); false keeps only the mean baseline (Dr. GRPO).
-        eps: added to the group std (Flow-GRPO uses 1e-4).
-        shared_noise: the samples of a group also share their initial noise (they then differ only by
-            the sampler's step noise).
+    group_size: samples per prompt in every epoch (>= 2).
+    scale_by_std: divide by the group's std (GRPO); false keeps only the mean baseline (Dr. GRPO).
+    eps: added to the group std (Flow-GRPO uses 1e-4).
+    shared_noise: the samples of a group also share their initial noise (they then differ only by
+        the sampler's step noise).
     """
 
-    def __init__(self, clip_range: float, adv_clip_max: float, group_size: int, scale_by_std: bool = True,
-                 eps: float = 1e-4, shared_noise: bool = False, kl_coef: float = 0.0, track_kl_ref: bool = False):
+    def __init__(
+        self,
+        clip_range: float,
+        adv_clip_max: float,
+        group_size: int,
+        scale_by_std: bool = True,
+        eps: float = 1e-4,
+        shared_noise: bool = False,
+        kl_coef: float = 0.0,
+        track_kl_ref: bool = False,
+    ):
         super().__init__(clip_range, adv_clip_max, kl_coef, track_kl_ref)
         if group_size < 2:
             raise ConfigError(f"algorithm.group_size must be >= 2 (got {group_size}): a group of one has no baseline")
@@ -54,7 +63,7 @@ class GRPO(Algorithm):
     def raw_advantages(self, rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
         rewards = np.asarray(rewards, dtype=np.float64)
         groups = rewards.reshape(-1, self.group_size)
-        grouped_prompts = [prompts[i:i + self.group_size] for i in range(0, len(prompts), self.group_size)]
+        grouped_prompts = [prompts[i : i + self.group_size] for i in range(0, len(prompts), self.group_size)]
         if any(len(set(g)) != 1 for g in grouped_prompts):  # the sampling and the gather order disagree
             raise RuntimeError("a GRPO group holds different prompts: samples were not gathered in index order")
         centred = groups - groups.mean(axis=1, keepdims=True)

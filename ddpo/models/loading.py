@@ -5,8 +5,9 @@ import os
 from ddpo.errors import ConfigError
 
 
-def load_stable_diffusion(path: str, revision: str | None = None, variant: str | None = None,
-                          resolution: int | None = None):
+def load_stable_diffusion(
+    path: str, revision: str | None = None, variant: str | None = None, resolution: int | None = None
+):
     """A diffusers ``StableDiffusionPipeline`` (float32, CPU) from a hub id or a local directory.
 
     ``resolution`` (the model group's sampling size) is accepted so that the model YAML can be
@@ -15,12 +16,14 @@ def load_stable_diffusion(path: str, revision: str | None = None, variant: str |
     Hub downloads are cached by huggingface_hub as usual. Failure to load (offline, wrong id,
     incomplete directory) stops the run with one line instead of a long traceback.
     """
-    return _from_pretrained("StableDiffusionPipeline", "tiny", path, revision, variant,
-                            safety_checker=None, requires_safety_checker=False)
+    return _from_pretrained(
+        "StableDiffusionPipeline", "tiny", path, revision, variant, safety_checker=None, requires_safety_checker=False
+    )
 
 
-def load_stable_diffusion_xl(path: str, revision: str | None = None, variant: str | None = None,
-                             resolution: int | None = None):
+def load_stable_diffusion_xl(
+    path: str, revision: str | None = None, variant: str | None = None, resolution: int | None = None
+):
     """A diffusers ``StableDiffusionXLPipeline`` (float32, CPU) from a hub id or a local directory.
 
     As ``load_stable_diffusion``: ``resolution`` is the pipeline's, and failure to load is one line.
@@ -28,14 +31,17 @@ def load_stable_diffusion_xl(path: str, revision: str | None = None, variant: st
     return _from_pretrained("StableDiffusionXLPipeline", "tiny_sdxl", path, revision, variant)
 
 
-def _from_pretrained(pipeline_class: str, offline_model: str, path: str, revision: str | None,
-                     variant: str | None, **kwargs):
+def _from_pretrained(
+    pipeline_class: str, offline_model: str, path: str, revision: str | None, variant: str | None, **kwargs
+):
     """``<pipeline_class>.from_pretrained`` with the Hub probe and one-line errors of the loaders above."""
     local = os.path.isdir(os.path.expanduser(path))
     if not local and (os.path.isabs(os.path.expanduser(path)) or path.startswith((".", "~"))):
         # a filesystem path, not a hub id: say so instead of the hub's "not a valid repo id"
-        raise ConfigError(f"model.path={path}: no such directory (give a hub id or a directory "
-                          f"saved with save_pretrained; without network access, model={offline_model})")
+        raise ConfigError(
+            f"model.path={path}: no such directory (give a hub id or a directory "
+            f"saved with save_pretrained; without network access, model={offline_model})"
+        )
     import diffusers
 
     from ddpo.network import work_offline_unless_hub_reachable
@@ -100,6 +106,7 @@ def tiny_shapes_model(path: str | None = None, resolution: int = 32):
     with no network (``path``: another directory written by ``scripts/pretrain_tiny.py``)."""
     directory = path or str(tiny_shapes_dir())
     if not path and not os.path.isfile(os.path.join(directory, "model_index.json")):
-        raise ConfigError(f"the shipped tiny shapes model is missing from {directory} "
-                          "(python scripts/pretrain_tiny.py writes it)")
+        raise ConfigError(
+            f"the shipped tiny shapes model is missing from {directory} (python scripts/pretrain_tiny.py writes it)"
+        )
     return load_stable_diffusion(directory)

@@ -115,4 +115,3 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32,
         requires_safety_checker=False,
     )
     return pipe
-

@@ -51,8 +51,9 @@ def build_tiny_sdxl_pipeline(seed: int = 0, resolution: int = 64, text_dim: int 
             projection_class_embeddings_input_dim=6 * TIME_ID_DIM + text_dim_2,
             **TINY_UNET,
         )
-        vae = AutoencoderKL(sample_size=resolution, scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True,
-                            **TINY_VAE)
+        vae = AutoencoderKL(
+            sample_size=resolution, scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True, **TINY_VAE
+        )
         text_encoder = CLIPTextModel(clip_text_config(text_dim))
         text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(text_dim_2, projection_dim=text_dim_2))
         return unet, vae, text_encoder, text_encoder_2

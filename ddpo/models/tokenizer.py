@@ -32,7 +32,9 @@ def build_clip_tokenizer(model_max_length: int = 77):
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=model_max_length)
+    return CLIPTokenizer(
+        vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=model_max_length
+    )
 
 
 def word_vocab_and_merges(words) -> tuple[dict[str, int], list[str]]:
@@ -66,4 +68,6 @@ def build_word_tokenizer(words, model_max_length: int = 16):
     from transformers import CLIPTokenizer
 
     vocab, merges = word_vocab_and_merges(words)
-    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=model_max_length)
+    return CLIPTokenizer(
+        vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=model_max_length
+    )

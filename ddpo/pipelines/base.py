@@ -7,7 +7,7 @@ A new model family (SDXL, SD3, ...) is a new subclass of ``DDPOPipeline`` plus a
 import contextlib
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -112,9 +112,7 @@ class DDPOPipeline(ABC):
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly the trained tensors, by name: what a checkpoint must hold."""
-        return {
-            name: p.detach() for name, p in self.trainable_module().named_parameters() if p.requires_grad
-        }
+        return {name: p.detach() for name, p in self.trainable_module().named_parameters() if p.requires_grad}
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.trainable_module().named_parameters())

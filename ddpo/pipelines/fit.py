@@ -52,7 +52,7 @@ def mismatch(pipeline_cls, model: str) -> str | None:
     fitting = pipelines_for(model)
     advice = " or ".join(f"pipeline={o}" for o in fitting)
     advice = f"use {advice}" if fitting else "no pipeline of this project runs it"
-    return (f"is a {model}, which {pipeline_cls.__name__} cannot run (it runs {', '.join(accepts)}); {advice}")
+    return f"is a {model}, which {pipeline_cls.__name__} cannot run (it runs {', '.join(accepts)}); {advice}"
 
 
 def _group_choices() -> dict:

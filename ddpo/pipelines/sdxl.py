@@ -70,8 +70,10 @@ class StableDiffusionXLDDPOPipeline(StableDiffusionDDPOPipeline):
         expected = self.unet.add_embedding.linear_1.in_features
         given = 6 * unet_config.addition_time_embed_dim + self.text_encoder_2.config.projection_dim
         if given != expected:
-            raise ConfigError(f"this SDXL UNet expects {expected} added-conditioning features but 6 time ids and "
-                              f"text_encoder_2's projection give {given}: the model's components do not fit together")
+            raise ConfigError(
+                f"this SDXL UNet expects {expected} added-conditioning features but 6 time ids and "
+                f"text_encoder_2's projection give {given}: the model's components do not fit together"
+            )
 
     # -- conditioning ------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,4 +159,3 @@ class StableDiffusionXLDDPOPipeline(StableDiffusionDDPOPipeline):
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
         StableDiffusionXLPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
         return [os.path.join(directory, "pytorch_lora_weights.safetensors")]
-

@@ -63,8 +63,10 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         self.use_lora = use_lora
         self.dtype = _DTYPES[mixed_precision]
         if resolution is not None and (resolution <= 0 or resolution % self.vae_scale_factor):
-            raise ConfigError(f"model.resolution must be a positive multiple of the VAE's downsampling factor "
-                              f"{self.vae_scale_factor} (got {resolution})")
+            raise ConfigError(
+                f"model.resolution must be a positive multiple of the VAE's downsampling factor "
+                f"{self.vae_scale_factor} (got {resolution})"
+            )
         self.resolution = resolution or self.unet.config.sample_size * self.vae_scale_factor
 
         for module in (self.unet, self.vae, self.text_encoder):
@@ -219,10 +221,14 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
         if self.scheduler.num_inference_steps != self.num_steps:
             self.scheduler.set_timesteps(self.num_steps, device=self.device)
         latents, timesteps = transitions["latents"], transitions["timesteps"]
-        output = self._guided_output(latents, timesteps, transitions, self.guidance_scale,
-                                     cfg=self.train_cfg)
+        output = self._guided_output(latents, timesteps, transitions, self.guidance_scale, cfg=self.train_cfg)
         _, log_prob, mean, std = ddim_step_with_logprob(
-            self.scheduler, output, timesteps, latents, eta=self.eta, prev_sample=transitions["next_latents"],
+            self.scheduler,
+            output,
+            timesteps,
+            latents,
+            eta=self.eta,
+            prev_sample=transitions["next_latents"],
             return_gaussian=True,
         )
         return log_prob, mean, std

@@ -33,26 +33,55 @@ class SlottedLocalLauncher(LocalLauncher):
 
         params = self.params
         gpus_per_node = params.get("gpus_per_node")
-        slots = plan_slots(len(job_overrides), visible_gpus() if gpus_per_node else [], gpus_per_node,
-                           len(os.sched_getaffinity(0)), params.get("cpus_per_task"), params.get("tasks_per_node"))
+        slots = plan_slots(
+            len(job_overrides),
+            visible_gpus() if gpus_per_node else [],
+            gpus_per_node,
+            len(os.sched_getaffinity(0)),
+            params.get("cpus_per_task"),
+            params.get("tasks_per_node"),
+        )
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info("Submitit 'local' sweep output dir : %s (%d job(s), at most %d at once)", sweep_dir,
-                 len(job_overrides), len(slots))
+        log.info(
+            "Submitit 'local' sweep output dir : %s (%d job(s), at most %d at once)",
+            sweep_dir,
+            len(job_overrides),
+            len(slots),
+        )
 
         executor = submitit.LocalExecutor(folder=params["submitit_folder"])
-        executor.update_parameters(**{key: params[key] for key in ("timeout_min", "tasks_per_node", "nodes",
-                                                                    "stderr_to_stdout") if params.get(key) is not None})
+        executor.update_parameters(
+            **{
+                key: params[key]
+                for key in ("timeout_min", "tasks_per_node", "nodes", "stderr_to_stdout")
+                if params.get(key) is not None
+            }
+        )
         # what each job unpickles and runs: the plugin's own class, importable wherever the job runs
         runner = LocalLauncher(**params)
         runner.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
 
         def start(slot, job):
             overrides, num, singletons = job
-            log.info("\t#%d : %s (GPUs %s, %d thread(s) per process)", num, " ".join(filter_overrides(overrides)),
-                     ",".join(map(str, slot.gpus)) or "none", slot.threads)
-            return submit_in_slot(executor, slot, runner, list(overrides), "hydra.sweep.dir", num,
-                                  f"job_id_for_{num}", singletons, pythonpath=str(REPO_ROOT))
+            log.info(
+                "\t#%d : %s (GPUs %s, %d thread(s) per process)",
+                num,
+                " ".join(filter_overrides(overrides)),
+                ",".join(map(str, slot.gpus)) or "none",
+                slot.threads,
+            )
+            return submit_in_slot(
+                executor,
+                slot,
+                runner,
+                list(overrides),
+                "hydra.sweep.dir",
+                num,
+                f"job_id_for_{num}",
+                singletons,
+                pythonpath=str(REPO_ROOT),
+            )
 
         jobs = [(overrides, initial_job_idx + k, Singleton.get_state()) for k, overrides in enumerate(job_overrides)]
         return [job.results()[0] for job in run_in_slots(slots, jobs, start)]

@@ -1,0 +1,552 @@
+"""Export a finished run (or one of its checkpoints) as a Hub-ready model folder, and push it if asked.
+
+    python scripts/export.py outputs/shapes                                  # -> outputs/shapes/export/
+    python scripts/export.py outputs/shapes --checkpoint 100 --out exports/shapes-100
+    python scripts/export.py outputs/shapes --push my-name/ddpo-shapes --private
+
+The folder holds the trained weights in diffusers format, exactly as the run wrote them (LoRA:
+pytorch_lora_weights.safetensors, for pipe.load_lora_weights; full fine-tuning: unet/, for
+from_pretrained), a model card (README.md: base model, reward, algorithm and hyperparameters from
+<run>/.hydra/config.yaml, the reward numbers of <run>/metrics.jsonl, how to load it), reward_curve.png
+and samples.png (base and trained model, same prompts and seeds; --no-sample reuses the run's last
+logged image grid instead). --push creates the Hub repository and uploads the folder (log in first with
+`hf auth login`, or set HF_TOKEN).
+"""
+
+import argparse
+import os
+import re
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights reads
+DEFAULT_PROMPTS = ["a cat", "a dog", "a horse"]
+DDIM_PIPELINES = ("ddim", "sdxl")  # conf/pipeline options that sample with DDIM (what scripts/sample.py runs)
+# prompt sets whose prompts the card's samples may be drawn from, and their plain-value arguments (a run's
+# config is data: nothing else is instantiated from it)
+KNOWN_PROMPT_SETS = {
+    "ddpo.prompts.SimpleAnimals": ("words_file",),
+    "ddpo.prompts.ImagenetAnimals": ("words_file",),
+    "ddpo.prompts.NounsActivities": ("nouns_file", "activities_file"),
+    "ddpo.prompts.ShapesPrompts": ("split", "kinds"),
+    "ddpo.prompts.FilePrompts": ("path",),
+}
+HYPERPARAMETERS = [
+    "seed",
+    "num_epochs",
+    "use_lora",
+    "lora_rank",
+    "mixed_precision",
+    "sample.num_steps",
+    "sample.eta",
+    "sample.guidance_scale",
+    "sample.batch_size",
+    "sample.num_batches_per_epoch",
+    "train.batch_size",
+    "train.learning_rate",
+    "train.gradient_accumulation_steps",
+    "train.num_inner_epochs",
+    "train.clip_range",
+    "train.adv_clip_max",
+    "train.timestep_fraction",
+    "train.max_grad_norm",
+]
+
+
+def fail(message: str):
+    raise SystemExit(f"error: {message}")
+
+
+# -- the run ------------------------------------------------------------------------------------
+class Source:
+    """What is exported: the run directory, the directory of the weights, and the epochs they hold."""
+
+    def __init__(self, run_dir: str, weights_dir: str, epochs: int | None):
+        self.run_dir = run_dir
+        self.weights_dir = weights_dir
+        self.epochs = epochs  # epochs trained into a checkpoint's weights; None for final/ (all of them)
+
+    @property
+    def label(self) -> str:
+        return "final" if self.epochs is None else os.path.basename(self.weights_dir)
+
+
+def run_is_training(run_dir: str) -> str | None:
+    """Who holds the run's lock (``ddpo/run_lock.py``), or None when no process is training in it."""
+    import fcntl
+
+    from ddpo.run_lock import LOCK_FILE
+
+    path = os.path.join(run_dir, LOCK_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
+def locate(path: str, checkpoint: str | None) -> Source:
+    """The run and the weights to export, or a one-line error saying what is missing."""
+    from ddpo.trainer import STATE_FILE, list_checkpoints, read_state
+
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        fail(f"{path}: no such directory (give a run directory of train.py, or one of its checkpoints)")
+    if os.path.isfile(os.path.join(path, STATE_FILE)):  # <run>/checkpoints/checkpoint_<epoch>
+        if checkpoint is not None:
+            fail("give either a checkpoint directory or --checkpoint, not both")
+        return Source(os.path.dirname(os.path.dirname(path)), path, int(read_state(path)["epochs_completed"]))
+    if not os.path.isfile(os.path.join(path, ".hydra", "config.yaml")):
+        fail(f"{path} is not a run directory of train.py (no .hydra/config.yaml)")
+    checkpoints = list_checkpoints(path)
+    saved = ", ".join(str(epoch) for epoch, _ in checkpoints) or "none"
+    if checkpoint is not None:
+        if checkpoint == "latest" and checkpoints:
+            epoch, directory = checkpoints[-1]
+            return Source(path, directory, epoch)
+        for epoch, directory in checkpoints:
+            if checkpoint.isdigit() and int(checkpoint) == epoch:
+                return Source(path, directory, epoch)
+        fail(f"{path} has no checkpoint of epoch {checkpoint} (checkpoints saved after epochs: {saved})")
+    holder = run_is_training(path)
+    if holder:
+        fail(f"{path} is still training ({holder}): wait for it to end, or export a checkpoint with --checkpoint N")
+    final = os.path.join(path, "final")
+    if not os.path.isdir(final):
+        fail(
+            f"{path} has not finished (no final/): rerun its train.py command to complete it, or export a "
+            f"checkpoint with --checkpoint N (checkpoints saved after epochs: {saved})"
+        )
+    return Source(path, final, None)
+
+
+def weight_entries(weights_dir: str) -> tuple[str, list[str]]:
+    """("lora" or "full", the files and folders to copy) of a final/ or checkpoint directory."""
+    if os.path.isfile(os.path.join(weights_dir, LORA_FILE)):
+        return "lora", [LORA_FILE]
+    # full fine-tuning: the trained model's diffusers folder (unet/, or transformer/ for other families)
+    folders = sorted(
+        name for name in os.listdir(weights_dir) if os.path.isfile(os.path.join(weights_dir, name, "config.json"))
+    )
+    if not folders:
+        fail(f"no trained weights in {weights_dir} ({LORA_FILE} or a model folder such as unet/)")
+    return "full", folders
+
+
+def read_run(source: Source):
+    """(config, group choices, command-line overrides, metrics records of the exported epochs)."""
+    from omegaconf import OmegaConf
+
+    from ddpo.errors import DDPOError
+    from ddpo.logging import MetricsFile
+
+    hydra_dir = os.path.join(source.run_dir, ".hydra")
+    try:
+        cfg = OmegaConf.load(os.path.join(hydra_dir, "config.yaml"))
+        choices, overrides = {}, []
+        if os.path.isfile(os.path.join(hydra_dir, "hydra.yaml")):
+            hydra_cfg = OmegaConf.load(os.path.join(hydra_dir, "hydra.yaml"))
+            choices = OmegaConf.to_container(hydra_cfg.hydra.runtime.choices)
+        if os.path.isfile(os.path.join(hydra_dir, "overrides.yaml")):
+            overrides = [
+                str(o) for o in OmegaConf.to_container(OmegaConf.load(os.path.join(hydra_dir, "overrides.yaml")))
+            ]
+    except Exception as exc:
+        fail(f"cannot read {hydra_dir} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    try:
+        records = MetricsFile(source.run_dir).read()
+    except DDPOError as exc:
+        fail(str(exc))
+    if source.epochs is not None:
+        records = [r for r in records if r["epoch"] < source.epochs]
+    if not records:
+        fail(f"{source.run_dir}/metrics.jsonl holds no epoch of these weights: the run has not trained yet")
+    return cfg, choices, overrides, records
+
+
+# -- samples ------------------------------------------------------------------------------------
+def run_prompts(cfg, count: int) -> list[str]:
+    """``count`` distinct prompts of the run's own prompt set (seeded draws), or DEFAULT_PROMPTS."""
+    import random
+
+    from omegaconf import OmegaConf
+
+    from ddpo import prompts as prompt_sets
+
+    node = OmegaConf.to_container(cfg.get("prompt") or {}, resolve=False)
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if target not in KNOWN_PROMPT_SETS:
+        return DEFAULT_PROMPTS[:count]
+    kwargs = {key: node[key] for key in KNOWN_PROMPT_SETS[target] if key in node}
+    plain = (str, int, float, type(None))
+    if not all(
+        isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, str) for x in v)) for v in kwargs.values()
+    ):
+        return DEFAULT_PROMPTS[:count]
+    try:
+        prompt_set = getattr(prompt_sets, target.rsplit(".", 1)[1])(**kwargs)
+    except Exception:  # e.g. a prompt file that is not here: the card then shows the default prompts
+        return DEFAULT_PROMPTS[:count]
+    rng, found = random.Random(0), []
+    for _ in range(100 * count):
+        prompt = prompt_set(rng)[0]
+        if prompt not in found:
+            found.append(prompt)
+        if len(found) == count:
+            break
+    return found
+
+
+def sample_grid(source: Source, cfg, prompts: list[str], seeds: list[int], device: str, model_path: str | None):
+    """Base and trained model on the same prompts and seeds: rows base/trained per prompt, columns seeds."""
+    from diffusers import DDIMScheduler
+
+    from ddpo.errors import DDPOError
+    from ddpo.logging import image_grid
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sample import apply_trained, load_base, sample_rows  # scripts/sample.py: only this project's loaders
+
+    try:
+        pipe, _ = load_base(source.run_dir, model_path)
+    except DDPOError as exc:
+        fail(f"cannot build the base model to sample from ({exc}); --no-sample skips the samples")
+    except SystemExit as stop:  # scripts/sample.py's one-line refusal (a model loader it does not know)
+        fail(f"{str(stop.code).removeprefix('error: ')}; or --no-sample to skip the samples")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    base = sample_rows(pipe, prompts, seeds, cfg, device)
+    apply_trained(pipe, source.weights_dir)
+    pipe.to(device)
+    trained = sample_rows(pipe, prompts, seeds, cfg, device)
+    images, captions = [], []
+    for prompt, base_row, trained_row in zip(prompts, base, trained):
+        images += base_row + trained_row
+        captions += [f"base | {prompt} | seed {s}" for s in seeds] + [f"trained | {prompt} | seed {s}" for s in seeds]
+    return image_grid(images, captions, tile=min(256, cfg.model.resolution * 4), columns=len(seeds))
+
+
+def logged_grid(run_dir: str):
+    """The run's last logged image grid (images/step_<n>.png), or None."""
+    from PIL import Image
+
+    folder = os.path.join(run_dir, "images")
+    steps = []
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            match = re.fullmatch(r"step_(\d+)\.png", name)
+            if match:
+                steps.append((int(match.group(1)), name))
+    return Image.open(os.path.join(folder, max(steps)[1])) if steps else None
+
+
+# -- the card -----------------------------------------------------------------------------------
+def number(value) -> str:
+    if value is None:
+        return "n/a"
+    value = float(value)
+    return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.4g}"
+
+
+def hub_id(path) -> str | None:
+    """``path`` if it names a Hub repository (owner/name), not a local directory."""
+    if not isinstance(path, str) or os.path.isabs(path) or os.path.exists(path) or path.startswith("."):
+        return None
+    return path if re.fullmatch(r"[\w.-]+/[\w.-]+", path) else None
+
+
+def dotted(container: dict, key: str):
+    value = container
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def load_base_code(model: dict) -> tuple[str, str]:
+    """(import lines, the line that builds ``pipe``) for the run's base model."""
+    target = str(model.get("_target_", ""))
+    path = model.get("path")
+    if hub_id(path) or (path and target.startswith("ddpo.models.load_")):
+        revision = f', revision="{model["revision"]}"' if model.get("revision") else ""
+        return (
+            "from diffusers import DiffusionPipeline",
+            f'pipe = DiffusionPipeline.from_pretrained("{path}"{revision})',
+        )
+    if target.startswith("ddpo.models."):  # built or shipped by this package: pip install ddpo-diffusion
+        name = target.rsplit(".", 1)[1]
+        keys = ("path", "seed", "resolution", "prediction_type")
+        args = ", ".join(f"{k}={model[k]!r}" for k in keys if k in model and model[k] is not None)
+        return f"from ddpo.models import {name}  # pip install ddpo-diffusion", f"pipe = {name}({args})"
+    return "from diffusers import DiffusionPipeline", 'pipe = DiffusionPipeline.from_pretrained("<the base model>")'
+
+
+def usage_code(
+    model: dict, kind: str, folders: list[str], weights_dir: str, repo: str, sample: dict, prompt: str, ddim: bool
+) -> str:
+    import json
+
+    imports, build = load_base_code(model)
+    lines = [imports, "from diffusers import DDIMScheduler"] if ddim else [imports]
+    if kind == "lora":
+        load = [f'pipe.load_lora_weights("{repo}")']
+    else:
+        load = []
+        for folder in folders:
+            with open(os.path.join(weights_dir, folder, "config.json")) as handle:
+                cls = json.load(handle).get("_class_name", "AutoModel")
+            lines.append(f"from diffusers import {cls}")
+            load.append(f'pipe.{folder} = {cls}.from_pretrained("{repo}", subfolder="{folder}")')
+    settings = f"num_inference_steps={sample.get('num_steps')}, guidance_scale={sample.get('guidance_scale')}"
+    lines += ["", build, *load]
+    if ddim:
+        lines.append(
+            "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler it was trained with"
+        )
+        settings += f", eta={sample.get('eta')}"
+    lines.append(f"image = pipe({prompt!r}, {settings}).images[0]")
+    return "\n".join(lines)
+
+
+def plain(cfg) -> dict:
+    """The run's config as plain values (interpolations resolved where they can be)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def write_card(
+    path: str, source: Source, values: dict, choices: dict, overrides: list[str], records: list[dict], **info
+):
+    """The model card: YAML front matter for the Hub, then results, usage and training settings."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    model = values.get("model") or {}
+    kind, folders = info["kind"], info["folders"]
+    base = hub_id(model.get("path"))
+    model_name = base or model.get("path") or str(model.get("_target_", "an unknown base model"))
+    base_note = "" if base or model.get("path") else " (built locally by ddpo-diffusion: nothing to download)"
+    algorithm = choices.get("algorithm") or str(dotted(values, "algorithm._target_"))
+    reward = choices.get("reward") or str(dotted(values, "reward._target_"))
+    prompt_set = choices.get("prompt") or str(dotted(values, "prompt._target_"))
+    tags = ["diffusers", "text-to-image", "ddpo", "reinforcement-learning", algorithm]
+    tags += ["stable-diffusion-xl" if choices.get("pipeline") == "sdxl" else "stable-diffusion"]
+    if kind == "lora":
+        tags += ["lora"]
+    data = ModelCardData(
+        base_model=base, library_name="diffusers", pipeline_tag="text-to-image", tags=list(dict.fromkeys(tags))
+    )
+
+    first, last = records[0], records[-1]
+    best = max(records, key=lambda r: r["reward_mean"] if r.get("reward_mean") is not None else float("-inf"))
+    samples = sum(int(r.get("num_samples") or 0) for r in records)
+    what = (
+        f"LoRA adapter (rank {values.get('lora_rank')}) for the UNet"
+        if kind == "lora"
+        else "fully fine-tuned " + ", ".join(f"`{f}`" for f in folders)
+    )
+    rows = [
+        ("first epoch", first),
+        ("last epoch", last),
+        ("best epoch", best),
+    ]
+    results = "\n".join(
+        f"| {name} | {r['epoch']} | {number(r.get('reward_mean'))} | {number(r.get('reward_std'))} |"
+        for name, r in rows
+    )
+    evals = [r for r in records if any(k.startswith("eval_") and k.endswith("_mean") for k in r)]
+    eval_text = ""
+    if evals:
+        keys = sorted(k for k in evals[-1] if k.startswith("eval_") and k.endswith("_mean"))
+        eval_text = (
+            "\n\nHeld-out evaluation (`eval.every`; the epoch's line of `metrics.jsonl`):\n\n"
+            "| metric | first evaluation | last evaluation |\n|---|---|---|\n"
+            + "\n".join(f"| `{k}` | {number(evals[0].get(k))} | {number(evals[-1].get(k))} |" for k in keys)
+        )
+    params = "\n".join(
+        f"| `{key}` | {dotted(values, key)} |" for key in HYPERPARAMETERS if dotted(values, key) is not None
+    )
+    algo_params = "\n".join(
+        f"| `algorithm.{k}` | {v} |"
+        for k, v in (values.get("algorithm") or {}).items()
+        if k != "_target_" and isinstance(v, (int, float, str, bool))
+    )
+    command = " ".join(["python train.py", *[o for o in overrides if not o.startswith("hydra.")]])
+    weights_from = "the run's final weights" if source.epochs is None else f"checkpoint `{source.label}`"
+    samples_text = (
+        f"![samples](samples.png)\n\n{info['samples_caption']}\n\n" if info.get("samples_caption") is not None else ""
+    )
+    body = f"""
+# {model_name}, fine-tuned with {algorithm.upper()} on `{reward}`
+
+A {what} of `{model_name}`{base_note}, trained with reinforcement learning ({algorithm}: the denoising chain as a
+policy, optimised with a policy gradient) to maximise the reward `{reward}` on the prompt set `{prompt_set}`.
+Exported from {weights_from} of the training run `{os.path.basename(source.run_dir)}`.
+
+## Results
+
+Training reward per epoch (`metrics.jsonl`: mean and standard deviation over the epoch's samples):
+
+| | epoch | reward mean | reward std |
+|---|---|---|---|
+{results}
+
+{len(records)} epoch{"s" if len(records) != 1 else ""}, {samples} samples in total.{eval_text}
+
+![reward curve](reward_curve.png)
+
+{samples_text}## How to use
+
+```python
+{info["usage"]}
+```
+
+## Training
+
+- base model: `{model_name}`{base_note}
+- algorithm: `{algorithm}`
+- reward: `{reward}`
+- prompts: `{prompt_set}`
+- command: `{command}`
+
+| setting | value |
+|---|---|
+{params}
+{algo_params}
+
+## Limitations
+
+The reward above is what training maximised, measured on the training prompts; a policy optimised
+against a reward model can exploit it (reward hacking), so look at the samples, not only the numbers.
+The base model's license and use restrictions apply to this model.
+"""
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(path)
+
+
+def card_samples(args, source: Source, cfg, prompts: list[str], pipeline: str):
+    """(the card's sample grid or None, its caption): sampled here, or the run's own last logged grid."""
+    ddim = pipeline in DDIM_PIPELINES
+    if not args.no_sample and not ddim:
+        print(f"pipeline={pipeline}: not sampled here (scripts/sample.py runs DDIM); the card shows the run's images")
+    if args.no_sample or not ddim:
+        grid = logged_grid(source.run_dir)
+        return grid, "The last sample batch the run logged (`prompt | reward`)."
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    grid = sample_grid(source, cfg, prompts, args.seeds, device, args.model_path)
+    return grid, (
+        f"Rows: base model, then this model, for each prompt ({', '.join(repr(p) for p in prompts)}); "
+        f"columns: seeds {', '.join(map(str, args.seeds))} (the same noise in both rows)."
+    )
+
+
+# -- main ---------------------------------------------------------------------------------------
+def default_out(source: Source) -> str:
+    return os.path.join(source.run_dir, "export" if source.epochs is None else f"export_{source.label}")
+
+
+def push(folder: str, repo_id: str, private: bool, message: str) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder, commit_message=message)
+    except Exception as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        fail(
+            f"could not push to {repo_id} ({type(exc).__name__}: {detail}); the folder is ready at {folder} "
+            "(log in with `hf auth login` or set HF_TOKEN, then rerun with --push)"
+        )
+    return str(url)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "run_dir", help="a finished run's directory, or one of its checkpoints/checkpoint_* directories"
+    )
+    parser.add_argument(
+        "--checkpoint", help="export the checkpoint saved after this epoch (or 'latest') instead of final/"
+    )
+    parser.add_argument("--out", help="the folder to write (default <run>/export, or <run>/export_checkpoint_<epoch>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    parser.add_argument("--push", metavar="REPO_ID", help="upload the folder to this Hub model repository (owner/name)")
+    parser.add_argument("--private", action="store_true", help="with --push: create the repository private")
+    parser.add_argument("--prompts", nargs="+", help="prompts of the sample grid (default: 3 of the run's prompt set)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="seeds of the sample grid")
+    parser.add_argument("--no-sample", action="store_true", help="no sampling: reuse the run's last logged image grid")
+    parser.add_argument("--model-path", help="base model (hub id or directory) to sample from instead of the run's own")
+    parser.add_argument("--device", help="device to sample on (default: cuda if available)")
+    args = parser.parse_args(argv)
+    if args.private and not args.push:
+        fail("--private applies to --push only")
+    if args.push and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push):
+        fail(f"--push {args.push}: a Hub repository id is owner/name")
+
+    source = locate(args.run_dir, args.checkpoint)
+    kind, entries = weight_entries(source.weights_dir)
+    cfg, choices, overrides, records = read_run(source)
+    out = os.path.abspath(args.out or default_out(source))
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        fail(f"{out} exists and is not empty: give another --out, or --overwrite to replace it")
+
+    from ddpo.logging import plot_reward_curve
+
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        for entry in entries:
+            src = os.path.join(source.weights_dir, entry)
+            (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, entry))
+        plot_reward_curve(records, os.path.join(tmp, "reward_curve.png"), title=os.path.basename(source.run_dir))
+
+        prompts = args.prompts or run_prompts(cfg, 3)
+        pipeline = choices.get("pipeline", "ddim")
+        grid, caption = card_samples(args, source, cfg, prompts, pipeline)
+        if grid is not None:
+            grid.save(os.path.join(tmp, "samples.png"))
+        values = plain(cfg)
+        repo = args.push or os.path.basename(out)  # a Hub id, or this folder's path from its parent
+        model, sample = values.get("model") or {}, values.get("sample") or {}
+        ddim = pipeline in DDIM_PIPELINES
+        usage = usage_code(model, kind, entries, source.weights_dir, repo, sample, prompts[0], ddim)
+        write_card(
+            os.path.join(tmp, "README.md"),
+            source,
+            values,
+            choices,
+            overrides,
+            records,
+            kind=kind,
+            folders=entries,
+            usage=usage,
+            samples_caption=caption if grid is not None else None,
+        )
+    except BaseException:  # an error or Ctrl-C leaves no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"exported {kind} weights ({source.label}, {len(records)} epochs) -> {out}")
+    if args.push:
+        url = push(out, args.push, args.private, f"Upload {os.path.basename(source.run_dir)} ({source.label})")
+        print(f"pushed to {url}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""scripts/export.py: a run becomes a Hub-ready folder that diffusers loads, with a card of the run's real numbers."""
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+
+import pytest
+from huggingface_hub import HfApi, ModelCard
+from PIL import Image
+
+from ddpo.models.tiny import build_tiny_pipeline
+from tests.conftest import ROOT, TINY, read_metrics, run_cli
+from tests.test_lora_export import unet_output
+
+SCRIPT = ROOT / "scripts" / "export.py"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("ddpo_export_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+export = load_script()
+
+
+def export_error(*argv) -> str:
+    """The one-line message export stops with."""
+    with pytest.raises(SystemExit) as stop:
+        export.main([str(a) for a in argv])
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A finished tiny LoRA run of two epochs, started as a user starts one (so it has .hydra/)."""
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    result = run_cli(run_dir, [*TINY, "use_lora=true", "train.learning_rate=1e-2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_the_folder_loads_with_load_lora_weights_and_changes_the_model(lora_run, tmp_path):
+    out = tmp_path / "export"
+    export.main([str(lora_run), "--out", str(out), "--prompts", "a cat", "--seeds", "0", "1"])
+
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", LORA_FILE, "reward_curve.png", "samples.png"]
+    assert (out / LORA_FILE).read_bytes() == (lora_run / "final" / LORA_FILE).read_bytes()
+    pipe = build_tiny_pipeline(seed=0)  # a fresh copy of the run's base model
+    before = unet_output(pipe.unet)
+    pipe.load_lora_weights(str(out))
+    assert (unet_output(pipe.unet) - before).abs().max().item() > 1e-4
+    # base and trained rows for one prompt, two seeds
+    with Image.open(out / "samples.png") as grid, Image.open(out / "reward_curve.png") as curve:
+        assert grid.width > 0 and curve.width > 0
+
+
+def test_the_card_holds_the_run_numbers_and_hub_metadata(lora_run, tmp_path):
+    out = tmp_path / "export"
+    export.main([str(lora_run), "--out", str(out), "--no-sample"])
+    card = ModelCard.load(out / "README.md")
+    records = read_metrics(lora_run)
+
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert {"lora", "text-to-image", "ddpo", "reinforcement-learning"} <= set(card.data.tags)
+    assert card.data.base_model is None  # the tiny model is built locally: no Hub id to name
+    text = card.text
+    for record in (records[0], records[-1]):
+        assert f"| {record['epoch']} | {record['reward_mean']:.4f} | {record['reward_std']:.4f} |" in text
+    assert f"2 epochs, {sum(r['num_samples'] for r in records)} samples in total" in text
+    assert "`jpeg_compressibility`" in text and "`ddpo`" in text and "| `train.learning_rate` | 0.01 |" in text
+    assert "pipe.load_lora_weights(" in text and "from ddpo.models import tiny_model" in text
+    assert "python train.py model=tiny" in text
+    # --no-sample: the card shows the run's own last logged grid
+    assert (out / "samples.png").is_file() and "The last sample batch the run logged" in text
+
+
+def test_a_checkpoint_exports_its_own_weights_and_epochs(lora_run, tmp_path):
+    out = tmp_path / "export"
+    export.main([str(lora_run), "--checkpoint", "1", "--out", str(out), "--no-sample"])
+    checkpoint = lora_run / "checkpoints" / "checkpoint_00001"
+    assert (out / LORA_FILE).read_bytes() == (checkpoint / LORA_FILE).read_bytes()
+    assert not (out / "trained_weights.safetensors").exists() and not (out / "optimizer.bin").exists()
+    first = read_metrics(lora_run)[0]
+    text = (out / "README.md").read_text()
+    assert "1 epoch, " in text and f"{first['reward_mean']:.4f}" in text and "checkpoint `checkpoint_00001`" in text
+    # a checkpoint directory given directly is the same export
+    again = tmp_path / "again"
+    export.main([str(checkpoint), "--out", str(again), "--no-sample"])
+    assert (again / LORA_FILE).read_bytes() == (out / LORA_FILE).read_bytes()
+
+
+def test_a_full_fine_tuning_export_loads_with_from_pretrained(lora_run, tmp_path):
+    """A run whose final/ holds a whole UNet (use_lora=false) exports that folder, loadable as a subfolder."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    run = tmp_path / "full"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("final", "checkpoints"))
+    unet = build_tiny_pipeline(seed=0).unet
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.5)  # a "trained" UNet that differs from the base
+    unet.save_pretrained(run / "final" / "unet")
+    out = tmp_path / "export"
+    export.main([str(run), "--out", str(out), "--prompts", "a cat", "--seeds", "0"])
+
+    loaded = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
+    torch.testing.assert_close(unet_output(loaded), unet_output(unet), rtol=0, atol=0)
+    card = ModelCard.load(out / "README.md")
+    assert "lora" not in card.data.tags
+    assert 'pipe.unet = UNet2DConditionModel.from_pretrained("export", subfolder="unet")' in card.text
+
+
+def test_push_creates_the_repo_and_uploads_the_folder(lora_run, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, **kw: calls.append(("create", kw)) or "https://hub/me/tiny")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+    out = tmp_path / "export"
+    export.main([str(lora_run), "--out", str(out), "--no-sample", "--push", "me/ddpo-tiny", "--private"])
+
+    assert [name for name, _ in calls] == ["create", "upload"]
+    assert calls[0][1]["repo_id"] == "me/ddpo-tiny" and calls[0][1]["private"] is True
+    assert calls[1][1]["repo_id"] == "me/ddpo-tiny" and calls[1][1]["folder_path"] == str(out)
+    assert 'pipe.load_lora_weights("me/ddpo-tiny")' in (out / "README.md").read_text()
+
+
+def test_a_failed_push_is_one_line_and_keeps_the_folder(lora_run, tmp_path, monkeypatch):
+    def refuse(self, **kw):
+        raise OSError("401 Unauthorized\nmore detail")
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    out = tmp_path / "export"
+    message = export_error(lora_run, "--out", out, "--no-sample", "--push", "me/ddpo-tiny")
+    assert "401 Unauthorized" in message and "HF_TOKEN" in message
+    assert (out / LORA_FILE).is_file()
+
+
+def test_missing_unfinished_or_busy_runs_are_one_line_errors(lora_run, tmp_path):
+    from ddpo.run_lock import RunLock
+
+    assert "no such directory" in export_error(tmp_path / "nope")
+    assert "not a run directory of train.py" in export_error(tmp_path)
+    assert "no checkpoint of epoch 7" in export_error(lora_run, "--checkpoint", "7")
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(lora_run, unfinished, ignore=shutil.ignore_patterns("final"))
+    message = export_error(unfinished)
+    assert "has not finished (no final/)" in message and "--checkpoint N" in message and "1, 2" in message
+
+    lock = RunLock(str(unfinished)).acquire()
+    try:
+        assert "is still training" in export_error(unfinished)
+    finally:
+        lock.release()
+
+    (unfinished / "metrics.jsonl").unlink()
+    assert "holds no epoch" in export_error(unfinished, "--checkpoint", "1")
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert "--overwrite" in export_error(lora_run, "--out", out, "--no-sample")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_command_line_prints_one_error_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "nope")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no such directory" in lines[0], result.stderr

@@ -138,8 +138,12 @@ def check_finite(node, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{f.name} must be a finite number (got {value})")
 
 
-def plan_batches(run: RunConfig, world_size: int = 1) -> BatchPlan:
-    """Check the run's numbers and return its batch arithmetic; ConfigError names the bad key."""
+def plan_batches(run: RunConfig, world_size: int = 1, stored_steps: int | None = None) -> BatchPlan:
+    """Check the run's numbers and return its batch arithmetic; ConfigError names the bad key.
+
+    ``stored_steps``: the transitions a pipeline stores per sample when not one per step (a flow
+    pipeline's SDE window); ``train.timestep_fraction`` is a fraction of them.
+    """
     check_finite(run)
     s, t = run.sample, run.train
 
@@ -207,7 +211,7 @@ def plan_batches(run: RunConfig, world_size: int = 1) -> BatchPlan:
         samples_per_epoch_per_process=per_process,
         train_batches_per_epoch=train_batches,
         optimizer_steps_per_epoch=train_batches // t.gradient_accumulation_steps,
-        trained_timesteps=max(1, int(s.num_steps * t.timestep_fraction)),
+        trained_timesteps=max(1, int((stored_steps or s.num_steps) * t.timestep_fraction)),
     )
 
 
@@ -285,6 +289,11 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     backend = logger_cfg.backend
     if backend not in ("tensorboard", "wandb", "none"):
         raise ConfigError(f"logger.backend must be tensorboard, wandb or none (got {backend!r})")
+    if backend == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:  # an optional dependency of the package: the [wandb] extra
+            raise ConfigError("logger=wandb needs the wandb package: pip install 'ddpo-diffusion[wandb]' (or wandb)")
     from ddpo.pipelines.fit import check_fit
 
     check_fit(cfg)  # model=sdxl pipeline=ddim stops here, before any weight is loaded
@@ -331,6 +340,8 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
             f"sample.num_steps={run.sample.num_steps} exceeds the scheduler's "
             f"{pipeline.max_num_steps} training timesteps"
         )
+    if pipeline.stored_steps is not None:  # only some steps are transitions (an SDE window)
+        plan = plan_batches(run, accelerator.num_processes, pipeline.stored_steps)
     evaluator = build_evaluator(cfg, run, prompt_fn, {reward_name: reward_fn}, accelerator.device)
     hook_cfg = logger_cfg.get("image_hook")
     image_hook = _instantiate(hook_cfg, "the image hook (logger.image_hook)") if hook_cfg else None

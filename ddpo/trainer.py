@@ -522,7 +522,8 @@ def run_evaluation(comps: Components, evals: MetricsFile, state: TrainingState) 
     from ddpo.evaluation import flat_metrics
 
     started = time.perf_counter()
-    summary = comps.evaluator.run(comps.pipeline, comps.accelerator)
+    with comps.pipeline.evaluation():  # the family's evaluation sampler (flow: the ODE, eval_num_steps)
+        summary = comps.evaluator.run(comps.pipeline, comps.accelerator)
     values = flat_metrics(summary)
     values["eval_time_s"] = time.perf_counter() - started
     if comps.accelerator.is_main_process:

@@ -5,11 +5,14 @@
         train.batch_size=1 sample.num_batches_per_epoch=1 --epochs 1
     python scripts/bench.py model=sd15_arch mixed_precision=fp16 sample.batch_size=8 train.batch_size=4 \
         sample.num_batches_per_epoch=1 --epochs 2 --json bench_sd15_512.json       # on a GPU
+    python scripts/bench.py model=sd3_arch pipeline=flow_sde mixed_precision=bf16 sample.num_steps=10 sample.batch_size=8 \
+        train.batch_size=4 sample.num_batches_per_epoch=1 --epochs 2                # SD3.5-M's sizes, on a GPU
 
 Arguments other than the options below are Hydra overrides of conf/config.yaml (logger=none is
 forced). The loop runs ``--warmup`` epochs, then ``--epochs`` timed epochs of ``ddpo.trainer.train``
 itself. Then, in the same process, the floor: the time of one UNet forward at the sampling batch
-(with CFG: twice the batch), one UNet forward+backward at the training batch, and one VAE decode,
+(with CFG: twice the batch), one UNet forward+backward at the training batch, and one VAE decode
+(for a flow-matching model, pipeline=flow_sde, its transformer in the UNet's place),
 each timed alone after warm-up with the loop's shapes, dtype and settings, multiplied by the number
 of such calls an epoch made. The ratio epoch time / floor says how much the loop adds.
 """
@@ -52,34 +55,33 @@ def measure_floor(components, run, repeats: int) -> dict:
 
     pipeline, device = components.pipeline, components.accelerator.device
     s, t = run.sample, run.train
-    unet = pipeline.trainable_module()
+    unet = pipeline.trainable_module()  # the UNet, or a flow model's transformer
     denoiser = pipeline._denoiser
     size = pipeline.resolution // pipeline.vae_scale_factor
     channels = unet.config.in_channels
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def unet_inputs(samples: int, cfg: bool):
-        """Latents, timesteps and the UNet's conditioning for ``samples`` samples, as the loop calls it."""
+    def unet_inputs(samples: int, cfg: bool) -> dict:
+        """The denoiser's keyword arguments for ``samples`` samples, as the loop calls it (rows doubled with CFG)."""
         conditioning = pipeline.encode_prompts(["a photo of a cat"] * samples)
-        rows = samples * (2 if cfg else 1)
-        latents = torch.randn(rows, channels, size, size, device=device)
-        timesteps = torch.full((rows,), 500, device=device, dtype=torch.long)
-        return latents, timesteps, pipeline.unet_conditioning(conditioning, cfg)
+        latents = torch.randn(samples, channels, size, size, device=device)
+        timesteps = torch.full((samples,), 500, device=device, dtype=torch.long)
+        return pipeline.denoiser_inputs(latents, timesteps, conditioning, cfg)
 
-    latents, timestep, cond = unet_inputs(s.batch_size, pipeline.sample_cfg)
-    sample_rows = len(latents)
+    inputs = unet_inputs(s.batch_size, pipeline.sample_cfg)
+    sample_rows = s.batch_size * (2 if pipeline.sample_cfg else 1)
 
     def forward():
         with torch.no_grad(), pipeline._autocast():
-            denoiser(latents, timestep, **cond)
+            denoiser(**inputs)
 
     k = min(t.timesteps_per_call, components.plan.trained_timesteps)
-    train_latents, train_t, train_cond = unet_inputs(t.batch_size * k, pipeline.train_cfg)
-    train_rows = len(train_latents)
+    train_inputs = unet_inputs(t.batch_size * k, pipeline.train_cfg)
+    train_rows = t.batch_size * k * (2 if pipeline.train_cfg else 1)
 
     def forward_backward():
         with pipeline._autocast():
-            out = denoiser(train_latents, train_t, **train_cond).sample
+            out = denoiser(**train_inputs).sample
         out.float().square().mean().backward()
         unet.zero_grad(set_to_none=True)
 

@@ -198,11 +198,13 @@ def main(argv=None) -> int:
     batch_size = run.eval.batch_size
     results, started = {}, time.time()
     if weights_dir is None or not args.no_base:
-        results["base"] = evaluate(pipeline, prompts, seeds, rewards, batch_size)
+        with pipeline.evaluation():
+            results["base"] = evaluate(pipeline, prompts, seeds, rewards, batch_size)
         print_summary("base", results["base"].summary)
     if weights_dir is not None:
         pipeline.load_trained(weights_dir)
-        results["trained"] = evaluate(pipeline, prompts, seeds, rewards, batch_size)
+        with pipeline.evaluation():
+            results["trained"] = evaluate(pipeline, prompts, seeds, rewards, batch_size)
         print_summary(f"trained ({os.path.relpath(weights_dir, run_dir)})", results["trained"].summary)
     os.makedirs(out, exist_ok=True)
     files = []

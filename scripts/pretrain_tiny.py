@@ -42,7 +42,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from ddpo import shapes  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "ddpo" / "assets" / "tiny_shapes"
+ASSETS = Path(__file__).resolve().parent.parent / "ddpo" / "assets"
+DEFAULT_OUT = {"sd": ASSETS / "tiny_shapes", "flow": ASSETS / "tiny_shapes_flow"}
 VOCABULARY = sorted({w for s in shapes.all_scenes() for w in s.caption.split()})
 TEXT_DIM = 64
 MAX_TOKENS = 16
@@ -231,6 +232,130 @@ def train_diffusion(latents: torch.Tensor, scenes: list, tokenizer, args, device
     return unet.eval(), text_encoder.eval()
 
 
+FLOW_TEXT_LAYERS = 3  # SD3 conditions on the penultimate hidden state: 3 layers leave 2 under it
+FLOW_TRANSFORMER_CONFIG = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=2 * TEXT_DIM,  # the two CLIP encoders' hidden states side by side
+    caption_projection_dim=128,  # = heads x head dim
+    pooled_projection_dim=2 * TEXT_DIM,  # their pooled projections, concatenated
+    pos_embed_max_size=16,
+    qk_norm="rms_norm",
+)
+FLOW_SHIFT = 1.0  # the scheduler's time shift: SD3 uses 3 at 1024 px; a 32 px image needs none
+
+
+def flow_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_DIM,
+        intermediate_size=4 * TEXT_DIM,
+        num_hidden_layers=FLOW_TEXT_LAYERS,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=TEXT_DIM,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def assemble_flow_pipeline(transformer, vae, text_encoder, text_encoder_2, tokenizer):
+    """A diffusers ``StableDiffusion3Pipeline`` without T5 (diffusers conditions on zeros in its place)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        text_encoder_3=None,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        tokenizer_3=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT),
+    )
+
+
+def train_flow(latents: torch.Tensor, scenes: list, tokenizer, vae, args, device):
+    """Rectified flow (SD3's objective): x_t = (1 - t) x_0 + t noise, the transformer predicts the
+    velocity noise - x_0 at timestep 1000 t, t logit-normal (Esser et al. 2024); captions are encoded
+    exactly as ``StableDiffusion3Pipeline.encode_prompt`` encodes them when sampling."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(args.seed + 2)
+    transformer = SD3Transformer2DModel(**FLOW_TRANSFORMER_CONFIG).to(device)
+    text_encoder = flow_text_encoder(tokenizer).to(device)
+    text_encoder_2 = flow_text_encoder(tokenizer).to(device)
+    pipe = assemble_flow_pipeline(transformer, vae, text_encoder, text_encoder_2, tokenizer)
+    captions = [s.caption for s in scenes]
+    params = [p for m in (transformer, text_encoder, text_encoder_2) for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    generator = torch.Generator().manual_seed(args.seed + 3)
+    progress = Progress("flow", args.steps, args.log_every)
+    running = None
+    for step, index in enumerate(batches(len(latents), args.batch, args.steps, generator)):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr)
+        x0 = latents[index].to(device)
+        drop = torch.rand(len(index), generator=generator) < args.caption_dropout
+        batch_captions = ["" if d else captions[i] for i, d in zip(index.tolist(), drop.tolist())]
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            batch_captions,
+            batch_captions,
+            None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=MAX_TOKENS,
+        )
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.sigmoid(torch.randn(len(x0), generator=generator)).to(device)
+        xt = (1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * noise
+        velocity = transformer(
+            hidden_states=xt, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t * 1000
+        ).sample
+        loss = F.mse_loss(velocity, noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        progress(step, loss=running)
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    for module in (transformer, text_encoder, text_encoder_2):
+        module.eval()
+    return pipe
+
+
+def load_vae(path: Path, images: torch.Tensor, device, shift_factor: float | None = None):
+    """A VAE saved by an earlier run (e.g. the DDIM model's) and the scaled latents of ``images``."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path, use_safetensors=True).to(device).eval()
+    if shift_factor is not None:
+        vae.register_to_config(shift_factor=shift_factor)
+    with torch.no_grad():
+        means = torch.cat(
+            [vae.encode(images[i : i + 1024].to(device)).latent_dist.mean for i in range(0, len(images), 1024)]
+        )
+    return vae, (means.cpu() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
 def train_scorer(images_uint8: np.ndarray, scenes: list, vae, args, device):
     from rewards.shapes import ShapeScorer, scene_vector
 
@@ -289,8 +414,9 @@ def scorer_accuracy(scorer, args, device, count: int = 2000) -> float:
     return float(((logits > 0) == torch.tensor(labels)).float().mean())
 
 
-def evaluate_pipeline(pipe, args, device) -> dict:
-    """Exact-checker accuracy of the pipeline on the held-out prompts (each with several seeds)."""
+def evaluate_pipeline(pipe, args, device, **sampler) -> dict:
+    """Exact-checker accuracy of the pipeline on the held-out prompts (each with several seeds);
+    ``sampler``: the family's extra arguments of the diffusers pipeline call."""
     from ddpo.prompts import shapes_eval_prompts
 
     prompts = shapes_eval_prompts("heldout")
@@ -304,11 +430,11 @@ def evaluate_pipeline(pipe, args, device) -> dict:
             batch,
             num_inference_steps=20,
             guidance_scale=args.guidance,
-            eta=0.0,
             height=32,
             width=32,
             output_type="np",
             generator=generator,
+            **sampler,
         ).images
         for image, prompt in zip(images, batch):
             verdict = shapes.check_image((image * 255).round().astype(np.uint8), prompt)
@@ -320,9 +446,66 @@ def evaluate_pipeline(pipe, args, device) -> dict:
     return {name: interval(np.array(values, dtype=float)) for name, values in results.items()}
 
 
+def write_record(args, device, timings, heldout, argv, **extra) -> None:
+    record = {
+        "command": "python scripts/pretrain_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "device": str(device)
+        + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"),
+        "torch": torch.__version__,
+        "timings": timings,
+        **extra,
+        "heldout": heldout,
+    }
+    (args.out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    log(f"saved {args.out} ({size / 1e6:.1f} MB) in {timings['total_s']:.0f} s")
+
+
+def log_heldout(heldout: dict) -> None:
+    for name, values in heldout.items():
+        log(
+            f"held-out {name}: {values['mean']:.3f} (95% CI {values['ci95'][0]:.3f}-{values['ci95'][1]:.3f}, n={values['n']})"
+        )
+
+
+def finish_flow(args, device, images, scenes, vae, latents, timings, start, argv) -> int:
+    """The flow-matching twin: train the transformer and text encoders, evaluate, save (no scorer:
+    ``reward=shape_proxy`` uses the DDIM model's, which reads images only)."""
+    from ddpo.models.tokenizer import build_word_tokenizer
+
+    stage = time.time()
+    tokenizer = build_word_tokenizer(VOCABULARY, model_max_length=MAX_TOKENS)
+    pipe = train_flow(latents, scenes, tokenizer, vae, args, device)
+    timings["diffusion_s"] = time.time() - stage
+    pipe.set_progress_bar_config(disable=True)
+    stage = time.time()
+    heldout = evaluate_pipeline(pipe, args, device, max_sequence_length=MAX_TOKENS)
+    timings["eval_s"] = time.time() - stage
+    timings["total_s"] = time.time() - start
+    log_heldout(heldout)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe.to("cpu")
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    write_record(args, device, timings, heldout, argv)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--family",
+        choices=sorted(DEFAULT_OUT),
+        default="sd",
+        help="sd: UNet + DDIM (model=tiny_shapes); flow: SD3 transformer + flow matching (model=tiny_shapes_flow)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default: ddpo/assets/tiny_shapes[_flow]")
+    parser.add_argument(
+        "--vae-from",
+        type=Path,
+        default=None,
+        help="reuse the VAE of an earlier run's folder instead of training one (the flow twin shares the DDIM model's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=60000, help="size of the rendered training set")
@@ -343,6 +526,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-seeds", type=int, default=8)
     parser.add_argument("--log-every", type=int, default=250)
     args = parser.parse_args(argv)
+    args.out = args.out or DEFAULT_OUT[args.family]
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -359,9 +543,18 @@ def main(argv=None) -> int:
     timings["data_s"] = time.time() - start
 
     stage = time.time()
-    vae, latents = train_vae(images, args, device)
+    if args.vae_from:
+        # SD3's pipeline decodes latents / scaling + shift: a VAE without a shift gets shift 0
+        vae, latents = load_vae(args.vae_from / "vae", images, device, 0.0 if args.family == "flow" else None)
+        log(f"VAE from {args.vae_from}, latent scaling factor {vae.config.scaling_factor:.4f}")
+    else:
+        vae, latents = train_vae(images, args, device)
+        if args.family == "flow":
+            vae.register_to_config(shift_factor=0.0)
+        log(f"VAE done, latent scaling factor {vae.config.scaling_factor:.4f}")
     timings["vae_s"] = time.time() - stage
-    log(f"VAE done, latent scaling factor {vae.config.scaling_factor:.4f}")
+    if args.family == "flow":
+        return finish_flow(args, device, images, scenes, vae, latents, timings, start, argv)
 
     stage = time.time()
     tokenizer = build_word_tokenizer(VOCABULARY, model_max_length=MAX_TOKENS)
@@ -395,31 +588,16 @@ def main(argv=None) -> int:
     )
     pipe.set_progress_bar_config(disable=True)
     stage = time.time()
-    heldout = evaluate_pipeline(pipe, args, device)
+    heldout = evaluate_pipeline(pipe, args, device, eta=0.0)
     timings["eval_s"] = time.time() - stage
     timings["total_s"] = time.time() - start
-    for name, values in heldout.items():
-        log(
-            f"held-out {name}: {values['mean']:.3f} (95% CI {values['ci95'][0]:.3f}-{values['ci95'][1]:.3f}, n={values['n']})"
-        )
+    log_heldout(heldout)
 
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.to("cpu")
     pipe.save_pretrained(args.out, safe_serialization=True)
     save_scorer(scorer.cpu(), args.out / "scorer")
-    record = {
-        "command": "python scripts/pretrain_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-        "device": str(device)
-        + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"),
-        "torch": torch.__version__,
-        "timings": timings,
-        "scorer_accuracy": accuracy,
-        "heldout": heldout,
-    }
-    (args.out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
-    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    log(f"saved {args.out} ({size / 1e6:.1f} MB) in {timings['total_s']:.0f} s")
+    write_record(args, device, timings, heldout, argv, scorer_accuracy=accuracy)
     return 0
 
 

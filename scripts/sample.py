@@ -4,9 +4,11 @@
     python scripts/sample.py <run dir> --baseline        # also the base model, same seeds, for comparison
 
 The base model is the run's own model config (from <run>/.hydra/config.yaml) unless --model-path
-is given. The trained weights are <run>/final (LoRA in diffusers format, or a full UNet), or those of
+is given. The trained weights are <run>/final (LoRA in diffusers format, or a full UNet or transformer), or those of
 a checkpoint when its directory (<run>/checkpoints/checkpoint_<epoch>) is given instead.
-Rows are prompts (base, then trained, with --baseline), columns are seeds.
+Rows are prompts (base, then trained, with --baseline), columns are seeds. A flow-matching run
+(pipeline=flow_sde) is sampled as it is evaluated: diffusers' StableDiffusion3Pipeline, the Euler ODE
+with the run's pipeline.eval_num_steps.
 """
 
 import argparse
@@ -24,7 +26,15 @@ KNOWN_LOADERS = {
     "ddpo.models.load_stable_diffusion_xl": ("path", "revision", "variant"),
     "ddpo.models.tiny_sdxl_model": ("path", "seed", "resolution"),
     "ddpo.models.tiny_shapes_model": ("path", "resolution"),
+    "ddpo.models.load_stable_diffusion_3": ("path", "revision", "variant", "drop_t5"),
+    "ddpo.models.tiny_flow_model": ("path", "seed", "resolution", "drop_t5"),
+    "ddpo.models.sd3_architecture": ("seed", "resolution"),
 }
+FLOW_PIPELINE = "ddpo.pipelines.FlowMatchingDDPOPipeline"  # runs are sampled with diffusers' SD3 pipeline (ODE)
+
+
+def is_flow(cfg) -> bool:
+    return cfg.get("pipeline", {}).get("_target_") == FLOW_PIPELINE
 
 
 def fail(message: str):
@@ -57,7 +67,8 @@ def load_base(run_dir: str, model_path: str | None):
     except Exception as exc:
         fail(f"cannot read {config_file} ({type(exc).__name__}: {exc})")
     if model_path:
-        return models.load_stable_diffusion(model_path), cfg
+        loader = models.load_stable_diffusion_3 if is_flow(cfg) else models.load_stable_diffusion
+        return loader(model_path), cfg
     target = model.get("_target_")
     if target not in KNOWN_LOADERS:
         fail(
@@ -72,11 +83,14 @@ def load_base(run_dir: str, model_path: str | None):
 
 
 def apply_trained(pipe, weights_dir: str) -> str:
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
     if os.path.isfile(os.path.join(weights_dir, "pytorch_lora_weights.safetensors")):
         pipe.load_lora_weights(weights_dir)
         return "LoRA"
+    if os.path.isdir(os.path.join(weights_dir, "transformer")):
+        pipe.transformer = SD3Transformer2DModel.from_pretrained(os.path.join(weights_dir, "transformer"))
+        return "full transformer"
     if os.path.isdir(os.path.join(weights_dir, "unet")):
         pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(weights_dir, "unet"))
         return "full UNet"
@@ -91,15 +105,25 @@ def sample_rows(pipe, prompts, seeds, cfg, device):
         row = []
         for seed in seeds:
             generator = torch.Generator(device=device).manual_seed(seed)
+            if is_flow(cfg):  # the flow pipeline's evaluation sampler: the ODE with eval_num_steps
+                sampler = {
+                    "num_inference_steps": cfg.pipeline.eval_num_steps,
+                    "guidance_scale": cfg.pipeline.guidance_scale,
+                    "max_sequence_length": cfg.pipeline.max_sequence_length,
+                }
+            else:
+                sampler = {
+                    "num_inference_steps": cfg.sample.num_steps,
+                    "guidance_scale": cfg.sample.guidance_scale,
+                    "eta": cfg.sample.eta,
+                }
             out = pipe(
                 prompt,
-                num_inference_steps=cfg.sample.num_steps,
-                guidance_scale=cfg.sample.guidance_scale,
-                eta=cfg.sample.eta,
                 height=cfg.model.resolution,
                 width=cfg.model.resolution,
                 generator=generator,
                 output_type="pil",
+                **sampler,
             )
             row.append(out.images[0])
         rows.append(row)
@@ -123,7 +147,8 @@ def main(argv=None) -> None:
 
     run_dir, weights_dir = locate(args.run_dir)
     pipe, cfg = load_base(run_dir, args.model_path)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if not is_flow(cfg):  # DDPO's sampler; a flow model keeps its FlowMatchEulerDiscreteScheduler
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
     images, captions = [], []

@@ -18,7 +18,10 @@ from tests.conftest import CONF_DIR, TINY, compose, read_metrics, run_in_process
 GROUPS = ("model", "pipeline", "reward", "prompt", "logger", "experiment")
 PROMPT_FILE = os.path.join(os.path.dirname(__file__), "fixtures", "two_prompts.txt")
 # what some options need beyond their name to compose and build
-EXTRA = {("prompt", "from_file"): [f"prompt.path={PROMPT_FILE}"]}
+EXTRA = {
+    ("prompt", "from_file"): [f"prompt.path={PROMPT_FILE}"],
+    ("experiment", "flowgrpo_pickscore"): [f"prompt.path={PROMPT_FILE}"],  # Flow-GRPO's prompt list is not shipped
+}
 REQUIRED_METRICS = (
     "epoch",
     "global_step",

@@ -1,7 +1,10 @@
 from ddpo.models.loading import (
     load_stable_diffusion,
+    load_stable_diffusion_3,
     load_stable_diffusion_xl,
+    sd3_architecture,
     sd15_architecture,
+    tiny_flow_model,
     tiny_model,
     tiny_sdxl_model,
     tiny_shapes_model,
@@ -9,8 +12,11 @@ from ddpo.models.loading import (
 
 __all__ = [
     "load_stable_diffusion",
+    "load_stable_diffusion_3",
     "load_stable_diffusion_xl",
+    "sd3_architecture",
     "sd15_architecture",
+    "tiny_flow_model",
     "tiny_model",
     "tiny_sdxl_model",
     "tiny_shapes_model",

@@ -31,6 +31,37 @@ def load_stable_diffusion_xl(
     return _from_pretrained("StableDiffusionXLPipeline", "tiny_sdxl", path, revision, variant)
 
 
+def load_stable_diffusion_3(
+    path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    resolution: int | None = None,
+    drop_t5: bool = False,
+):
+    """A diffusers ``StableDiffusion3Pipeline`` (float32, CPU) from a hub id or a local directory.
+
+    ``drop_t5`` loads it without the T5 text encoder (``text_encoder_3=None``, as diffusers allows: the
+    transformer then sees zeros in T5's place), which saves its memory and time. As the loaders above,
+    ``resolution`` is the pipeline's and failure to load is one line; a gated model the Hub refuses
+    (SD3.5 needs its license accepted) says how to log in.
+    """
+    kwargs = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
+    return _from_pretrained("StableDiffusion3Pipeline", "tiny_flow", path, revision, variant, **kwargs)
+
+
+def _gated(exc: BaseException) -> bool:
+    """Whether loading failed because the Hub wants a login or an accepted license (401 / gated repo)."""
+    from huggingface_hub.errors import GatedRepoError
+
+    while exc is not None:
+        text = str(exc).lower()
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(exc, GatedRepoError) or status == 401 or "gated" in text or "401 client error" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _from_pretrained(
     pipeline_class: str, offline_model: str, path: str, revision: str | None, variant: str | None, **kwargs
 ):
@@ -57,6 +88,12 @@ def _from_pretrained(
             **kwargs,
         )
     except Exception as exc:  # diffusers/hub raise many types; all mean "cannot load this model"
+        if not local and _gated(exc):
+            raise ConfigError(
+                f"cannot load hub model {path!r}: it is gated (401); accept its license on "
+                f"https://huggingface.co/{path} and log in with `huggingface-cli login` (or set HF_TOKEN), "
+                f"or use model={offline_model} without network access"
+            ) from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         reason = reason.replace(f"Cannot load model {source}: ", "")
         if len(reason) > 120:
@@ -84,6 +121,22 @@ def tiny_sdxl_model(path: str | None = None, seed: int = 0, resolution: int = 64
     from ddpo.models.tiny_sdxl import build_tiny_sdxl_pipeline
 
     return build_tiny_sdxl_pipeline(seed=seed, resolution=resolution)
+
+
+def tiny_flow_model(path: str | None = None, seed: int = 0, resolution: int = 64, drop_t5: bool = False):
+    """The tiny local SD3 model (``ddpo/models/tiny_flow.py``), or one loaded from ``path`` if given."""
+    if path:
+        return load_stable_diffusion_3(path, drop_t5=drop_t5)
+    from ddpo.models.tiny_flow import build_tiny_flow_pipeline
+
+    return build_tiny_flow_pipeline(seed=seed, resolution=resolution, with_t5=not drop_t5)
+
+
+def sd3_architecture(seed: int = 0, resolution: int = 512):
+    """Stable Diffusion 3.5 Medium's transformer and VAE with random weights (tiny text encoders, no T5)."""
+    from ddpo.models.sd3_arch import build_sd3_architecture
+
+    return build_sd3_architecture(seed=seed, resolution=resolution)
 
 
 def sd15_architecture(seed: int = 0, resolution: int = 512):

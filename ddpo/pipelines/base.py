@@ -99,6 +99,16 @@ class DDPOPipeline(ABC):
         """The most denoising steps the scheduler can take (None: no limit)."""
         return None
 
+    @property
+    def stored_steps(self) -> int | None:
+        """Transitions stored (and trainable) per sample; None: one per denoising step (``sample.num_steps``)."""
+        return None
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """Within this context ``sample`` draws evaluation images (a family may evaluate with another sampler)."""
+        yield
+
     @abstractmethod
     def trainable_module(self) -> torch.nn.Module:
         """The module whose parameters are trained (handed to accelerate.prepare)."""

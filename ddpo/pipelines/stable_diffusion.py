@@ -164,6 +164,12 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
             embeds = torch.cat([self.negative_embeds(len(embeds)), embeds])
         return {"encoder_hidden_states": embeds}
 
+    def denoiser_inputs(self, latents, timesteps, conditioning, cfg: bool) -> dict:
+        """The UNet's keyword arguments for a batch (latents and timesteps doubled with CFG): what bench times."""
+        if cfg:
+            latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
+        return {"sample": latents, "timestep": timesteps, **self.unet_conditioning(conditioning, cfg)}
+
     def _guided_output(self, latents, timesteps, conditioning, guidance_scale, cfg):
         if cfg:
             model_in = torch.cat([latents, latents])

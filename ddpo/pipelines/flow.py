@@ -1,0 +1,415 @@
+"""Flow-GRPO on Stable Diffusion 3 components from diffusers: rectified flow sampled with an SDE.
+
+SD3's transformer predicts a velocity and diffusers samples it with the Euler ODE
+(``FlowMatchEulerDiscreteScheduler``), which has no log probability to optimise. Here each step of
+a window of the chain is replaced by the SDE with the same marginals (``ddpo/schedulers/flow_sde.py``;
+Flow-GRPO, Liu et al. 2025); the scheduler's own sigmas (its shift included) give the times. What
+the sampler does, read once from ``conf/pipeline/flow_sde.yaml``:
+
+- ``num_steps`` steps for training rollouts, ``eval_num_steps`` for evaluation, which samples with
+  the ODE (Flow-GRPO trains with 10 steps and evaluates with 40; its evaluation sets the noise to 0);
+- ``noise_level`` a and ``sigma_schedule``: sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO) or a (DanceGRPO);
+- ``sde_window`` [start, end): only these steps are stochastic and stored as trainable transitions,
+  the others are deterministic Euler steps (MixGRPO, Flow-GRPO-Fast); null = every step;
+- guidance as in diffusers' ``StableDiffusion3Pipeline``: the negative is the empty prompt encoded, and
+  a scale of 1 or less runs no unconditional pass at all; ``train_cfg`` scores transitions the same way.
+
+Conditioning is diffusers' own ``encode_prompt``: both CLIP encoders' penultimate hidden states side
+by side, padded to the T5 width and followed by T5's (zeros when the model was loaded without T5,
+``model.drop_t5``), and the two pooled projections. Only the transformer is trained: LoRA on its
+joint-attention projections (image and text streams, Flow-GRPO's targets) or all of it. Export:
+``StableDiffusion3Pipeline.save_lora_weights`` with the adapter's config (rank and alpha), which
+``load_lora_weights`` reads; a full fine-tune is ``transformer/`` (``from_pretrained``).
+"""
+
+import contextlib
+import copy
+import os
+
+import torch
+
+from ddpo.errors import ConfigError
+from ddpo.pipelines.base import DDPOPipeline, Rollout
+from ddpo.schedulers.ddim import draw_noise
+from ddpo.schedulers.flow_sde import SIGMA_SCHEDULES, flow_noise_scale, flow_ode_step, flow_sde_step
+
+# the attention projections of both streams of SD3's joint blocks (Flow-GRPO's LoRA targets); the
+# "attn." prefix keeps SD3.5's second, image-only attention (attn2) out, as Flow-GRPO does
+LORA_TARGET_MODULES = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _Schedule:
+    """One sampling schedule (a number of steps) as per-device tables: no host sync inside the loop."""
+
+    def __init__(self, scheduler, num_steps: int, device, noise_level: float, sigma_schedule: str, mu=None):
+        kwargs = {"mu": mu} if mu is not None else {}
+        scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+        sigmas = scheduler.sigmas.detach().to(torch.float32)  # num_steps + 1 values, the last 0
+        self.num_steps = num_steps
+        self.sigmas = sigmas.to(device)
+        self.timesteps = scheduler.timesteps.detach().to(device, torch.float32)  # sigma x 1000: the model's input
+        scales = flow_noise_scale(sigmas[:-1], sigmas[1:], noise_level, sigma_schedule)
+        self.noise_scales = scales.to(device)
+
+
+class FlowMatchingDDPOPipeline(DDPOPipeline):
+    """Wraps a diffusers ``StableDiffusion3Pipeline``; its Euler ODE steps become SDE steps with log probabilities.
+
+    Frozen modules are cast to the mixed-precision dtype; trainable weights stay in float32 and the
+    forward passes run under autocast; the step and its log probability are computed in float32.
+    """
+
+    accepts = ("StableDiffusion3Pipeline",)
+    option = "flow_sde"
+    CONDITIONING_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+
+    def __init__(
+        self,
+        components,
+        *,
+        use_lora: bool = True,
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        mixed_precision: str = "no",
+        device: str | torch.device = "cpu",
+        resolution: int | None = None,
+        num_steps: int = 10,
+        eval_num_steps: int | None = None,
+        noise_level: float = 0.7,
+        sigma_schedule: str = "flow_grpo",
+        sde_window: list[int] | tuple[int, int] | None = None,
+        guidance_scale: float = 4.5,
+        train_cfg: bool = True,
+        max_sequence_length: int = 256,
+        gradient_checkpointing: bool = False,
+        compile_transformer: bool = False,
+    ):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from ddpo.pipelines.fit import mismatch, model_class
+
+        why = mismatch(type(self), model_class(components))
+        if why is not None:
+            raise ConfigError(f"the model {why}")
+        if not noise_level > 0:  # NaN included
+            raise ConfigError(
+                f"pipeline.noise_level must be > 0 (got {noise_level}): with no noise the flow is the "
+                "deterministic ODE and a transition has no log probability to optimise"
+            )
+        if sigma_schedule not in SIGMA_SCHEDULES:
+            raise ConfigError(
+                f"pipeline.sigma_schedule must be one of {', '.join(SIGMA_SCHEDULES)} (got {sigma_schedule!r})"
+            )
+        eval_num_steps = eval_num_steps or num_steps
+        if num_steps <= 0 or eval_num_steps <= 0:
+            raise ConfigError(f"the number of steps must be > 0 (got {num_steps} and eval_num_steps {eval_num_steps})")
+        if not 0 < max_sequence_length <= 512:
+            raise ConfigError(f"pipeline.max_sequence_length must be in 1..512 (got {max_sequence_length})")
+        self.window = self._check_window(sde_window, num_steps)
+        self.num_steps, self.eval_num_steps = num_steps, eval_num_steps
+        self.noise_level, self.sigma_schedule = noise_level, sigma_schedule
+        self.guidance_scale = guidance_scale
+        self.sample_cfg = guidance_scale > 1.0  # diffusers' SD3 pipeline guides only above 1
+        self.train_cfg = train_cfg and self.sample_cfg
+        self.max_sequence_length = max_sequence_length
+
+        self.sd = components
+        self.transformer = components.transformer
+        self.vae = components.vae
+        self.text_encoders = [
+            e for e in (components.text_encoder, components.text_encoder_2, components.text_encoder_3) if e is not None
+        ]
+        self.device = torch.device(device)
+        self.use_lora = use_lora
+        self.dtype = _DTYPES[mixed_precision]
+        if resolution is not None and (resolution <= 0 or resolution % (self.vae_scale_factor * self.patch_size)):
+            raise ConfigError(
+                f"model.resolution must be a positive multiple of {self.vae_scale_factor * self.patch_size} "
+                f"(the VAE's downsampling x the transformer's patch size; got {resolution})"
+            )
+        self.resolution = resolution or self.transformer.config.sample_size * self.vae_scale_factor
+
+        for module in (self.transformer, self.vae, *self.text_encoders):
+            module.requires_grad_(False)
+            module.eval()
+        frozen = [self.vae, *self.text_encoders] + ([self.transformer] if use_lora else [])
+        for module in frozen:
+            module.to(self.device)
+            if self.dtype != torch.float32:
+                module.to(dtype=self.dtype)
+        if use_lora:
+            from peft import LoraConfig
+
+            self.transformer.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_alpha or lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=LORA_TARGET_MODULES,
+                )
+            )
+            for p in self.transformer.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            self.transformer.to(self.device).float().requires_grad_(True)
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.compile_transformer = compile_transformer
+        self._denoiser = torch.compile(self.transformer) if compile_transformer else self.transformer
+        self._reference = None  # full fine-tuning with KL: a frozen copy of the transformer before training
+        self._negative = None
+        self._evaluating = False
+
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config)
+        mu = self._dynamic_shift()
+        self._train_schedule = _Schedule(self.scheduler, num_steps, self.device, noise_level, sigma_schedule, mu)
+        self._eval_schedule = (
+            _Schedule(self.scheduler, eval_num_steps, self.device, noise_level, sigma_schedule, mu)
+            if eval_num_steps != num_steps
+            else self._train_schedule
+        )
+
+    @staticmethod
+    def _check_window(window, num_steps: int) -> tuple[int, int]:
+        if window is None:
+            return 0, num_steps
+        window = tuple(int(i) for i in window)
+        if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
+            raise ConfigError(
+                f"pipeline.sde_window must be [start, end) with 0 <= start < end <= num_steps={num_steps} "
+                f"(got {list(window)}); null makes every step stochastic"
+            )
+        return window
+
+    def _dynamic_shift(self) -> float | None:
+        """The resolution-dependent shift ``mu``, as diffusers' SD3 pipeline computes it, if the scheduler uses one."""
+        config = self.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return None
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        side = self.resolution // self.vae_scale_factor // self.patch_size
+        return calculate_shift(
+            side * side,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def patch_size(self) -> int:
+        return self.transformer.config.patch_size
+
+    @property
+    def max_num_steps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    @property
+    def stored_steps(self) -> int:
+        start, end = self.window
+        return end - start
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.transformer
+
+    def use_wrapped(self, wrapped: torch.nn.Module) -> None:
+        self._denoiser = torch.compile(wrapped) if self.compile_transformer else wrapped
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """Evaluation samples with the ODE (no noise) and ``eval_num_steps`` steps, as Flow-GRPO evaluates."""
+        previous, self._evaluating = self._evaluating, True
+        try:
+            yield
+        finally:
+            self._evaluating = previous
+
+    # -- conditioning ------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = self.sd.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return embeds, pooled
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, pooled = self._encode(prompts)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def negative_conditioning(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, pooled_prompt_embeds) of the empty prompt: diffusers' SD3 negative by default."""
+        if self._negative is None:
+            self._negative = self._encode([""])
+        embeds, pooled = self._negative
+        return embeds.expand(batch_size, -1, -1), pooled.expand(batch_size, -1)
+
+    # -- the policy --------------------------------------------------------------------------
+    def denoiser_inputs(self, latents, timesteps, conditioning, cfg: bool) -> dict:
+        """The transformer's keyword arguments for a batch (negatives first with CFG, latents doubled)."""
+        embeds = conditioning["prompt_embeds"]
+        pooled = conditioning["pooled_prompt_embeds"]
+        if cfg:
+            negative, negative_pooled = self.negative_conditioning(len(embeds))
+            embeds = torch.cat([negative, embeds])
+            pooled = torch.cat([negative_pooled, pooled])
+            latents = torch.cat([latents, latents])
+            timesteps = torch.cat([timesteps, timesteps])
+        return {
+            "hidden_states": latents,
+            "timestep": timesteps,
+            "encoder_hidden_states": embeds,
+            "pooled_projections": pooled,
+        }
+
+    def _velocity(self, latents, timesteps, conditioning, cfg: bool) -> torch.Tensor:
+        inputs = self.denoiser_inputs(latents, timesteps, conditioning, cfg)
+        with self._autocast():
+            output = self._denoiser(**inputs, return_dict=False)[0]
+        output = output.float()
+        if not cfg:
+            return output
+        uncond, cond = output.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def sample(self, conditioning, generator) -> Rollout:
+        conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
+        batch = conditioning["prompt_embeds"].shape[0]
+        evaluating = self._evaluating
+        schedule = self._eval_schedule if evaluating else self._train_schedule
+        start, end = (0, 0) if evaluating else self.window
+        size = self.resolution // self.vae_scale_factor
+        shape = (batch, self.transformer.config.in_channels, size, size)
+        latents = draw_noise(shape, generator, self.device, torch.float32)  # t = 1: pure noise
+        stored = {"latents": [], "next_latents": [], "log_probs": []}
+        for i in range(schedule.num_steps):
+            t, t_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+            velocity = self._velocity(latents, schedule.timesteps[i].expand(batch), conditioning, self.sample_cfg)
+            if start <= i < end:
+                following, log_prob, _, _ = flow_sde_step(
+                    velocity, latents, t, t_next, schedule.noise_scales[i], generator=generator
+                )
+                stored["latents"].append(latents)
+                stored["next_latents"].append(following)
+                stored["log_probs"].append(log_prob)
+            else:
+                following = flow_ode_step(velocity, latents, t, t_next)
+            latents = following
+        steps = {
+            "step_index": torch.arange(start, end, device=self.device).expand(batch, -1).clone(),
+            **{
+                key: torch.stack(values, dim=1)
+                if values
+                else torch.zeros((batch, 0, *(shape[1:] if key != "log_probs" else ())), device=self.device)
+                for key, values in stored.items()
+            },
+        }
+        return Rollout(conditioning=conditioning, steps=steps, images=self.decode(latents))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        latents = latents.float() / config.scaling_factor + (config.get("shift_factor") or 0.0)
+        with self._autocast():
+            images = self.vae.decode(latents.to(self.vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def log_prob(self, transitions):
+        schedule = self._train_schedule
+        index = transitions["step_index"]
+        latents = transitions["latents"]
+        velocity = self._velocity(latents, schedule.timesteps[index], transitions, self.train_cfg)
+        _, log_prob, mean, std = flow_sde_step(
+            velocity,
+            latents,
+            schedule.sigmas[index],
+            schedule.sigmas[index + 1],
+            schedule.noise_scales[index],
+            prev_sample=transitions["next_latents"],
+        )
+        return log_prob, mean, std
+
+    # -- the reference policy (KL) -----------------------------------------------------------
+    def keep_reference(self) -> None:
+        if not self.use_lora and self._reference is None:  # full fine-tuning: a frozen copy of the start
+            self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval().to(self.dtype)
+
+    @contextlib.contextmanager
+    def reference(self):
+        if self.use_lora:  # the same transformer with its adapters off: no second copy of the weights
+            self.transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                self.transformer.enable_adapters()
+            return
+        if self._reference is None:
+            raise RuntimeError("keep_reference() was not called before training")
+        denoiser, self._denoiser = self._denoiser, self._reference
+        try:
+            yield
+        finally:
+            self._denoiser = denoiser
+
+    # -- export ------------------------------------------------------------------------------
+    @property
+    def export_is_exact(self) -> bool:
+        return not self.use_lora  # the full transformer saved by save_pretrained
+
+    def read_export(self, directory: str) -> dict[str, torch.Tensor]:
+        from diffusers import SD3Transformer2DModel
+
+        if self.use_lora:
+            return super().read_export(directory)
+        transformer_dir = os.path.join(directory, "transformer")
+        if not os.path.isdir(transformer_dir):  # from_pretrained would take a missing path for a Hub id
+            raise FileNotFoundError(f"{transformer_dir} is missing")
+        loaded = SD3Transformer2DModel.from_pretrained(transformer_dir, torch_dtype=torch.float32)
+        return {name: p.detach() for name, p in loaded.named_parameters()}
+
+    def export(self, directory: str) -> list[str]:
+        os.makedirs(directory, exist_ok=True)
+        if self.use_lora:
+            from diffusers import StableDiffusion3Pipeline
+            from peft.utils import get_peft_model_state_dict
+
+            layers = get_peft_model_state_dict(self.transformer)
+            # the adapter's config travels with the weights: load_lora_weights then uses this alpha, not alpha = rank
+            metadata = self.transformer.peft_config["default"].to_dict()
+            StableDiffusion3Pipeline.save_lora_weights(
+                directory,
+                transformer_lora_layers=layers,
+                transformer_lora_adapter_metadata=metadata,
+                safe_serialization=True,
+            )
+            return [os.path.join(directory, "pytorch_lora_weights.safetensors")]
+        transformer_dir = os.path.join(directory, "transformer")
+        self.transformer.save_pretrained(transformer_dir)
+        return [transformer_dir]

@@ -137,9 +137,15 @@ def timed_call(fn: Callable, *args):
 
 
 def collect_reward(name: str, future: Future, batch_size: int) -> tuple[torch.Tensor, dict, float]:
+    """The reward's (rewards, info, seconds) of one batch, checked; a failure is one line.
+
+    The project's own errors (``DDPOError``: ``RewardError``, a remote reward's ``RemoteRewardError``, ...)
+    already say in one line what failed and where, so they pass through as raised; any other exception
+    is named with the reward it came from.
+    """
     try:
         output, seconds = future.result()
-    except RewardError:
+    except DDPOError:
         raise
     except Exception as exc:
         raise RewardError(f"reward {name!r} failed: {type(exc).__name__}: {exc}") from exc

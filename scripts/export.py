@@ -5,10 +5,12 @@
     python scripts/export.py outputs/shapes --push my-name/ddpo-shapes --private
 
 The folder holds the trained weights in diffusers format, exactly as the run wrote them (LoRA:
-pytorch_lora_weights.safetensors, for pipe.load_lora_weights; full fine-tuning: unet/, for
-from_pretrained), a model card (README.md: base model, reward, algorithm and hyperparameters from
-<run>/.hydra/config.yaml, the reward numbers of <run>/metrics.jsonl, how to load it), reward_curve.png
-and samples.png (base and trained model, same prompts and seeds; --no-sample reuses the run's last
+pytorch_lora_weights.safetensors, for pipe.load_lora_weights; full fine-tuning: unet/, or transformer/
+for the flow-matching family, for from_pretrained), a model card (README.md: base model, reward, algorithm
+and hyperparameters from <run>/.hydra/config.yaml, the reward numbers of <run>/metrics.jsonl, how to load
+it), reward_curve.png and samples.png (base and trained model, same prompts and seeds, sampled as
+scripts/sample.py samples: DDIM, or for a flow-matching run (pipeline=flow_sde) diffusers'
+StableDiffusion3Pipeline with the ODE and pipeline.eval_num_steps; --no-sample reuses the run's last
 logged image grid instead). --push creates the Hub repository and uploads the folder (log in first with
 `hf auth login`, or set HF_TOKEN).
 """
@@ -23,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights reads
 DEFAULT_PROMPTS = ["a cat", "a dog", "a horse"]
-DDIM_PIPELINES = ("ddim", "sdxl")  # conf/pipeline options that sample with DDIM (what scripts/sample.py runs)
+DDIM_PIPELINES = ("ddim", "sdxl")  # conf/pipeline options that sample with DDIM (as scripts/sample.py does)
+FLOW_PIPELINES = ("flow_sde",)  # the flow-matching family: diffusers' StableDiffusion3Pipeline, sampled with the ODE
 # prompt sets whose prompts the card's samples may be drawn from, and their plain-value arguments (a run's
 # config is data: nothing else is instantiated from it)
 KNOWN_PROMPT_SETS = {
@@ -53,10 +56,35 @@ HYPERPARAMETERS = [
     "train.timestep_fraction",
     "train.max_grad_norm",
 ]
+# the flow-matching family's sampler and adapter (conf/pipeline/flow_sde.yaml; it has no sample.eta)
+FLOW_HYPERPARAMETERS = [
+    "pipeline.lora_alpha",
+    "pipeline.num_steps",
+    "pipeline.eval_num_steps",
+    "pipeline.noise_level",
+    "pipeline.sigma_schedule",
+    "pipeline.sde_window",
+    "pipeline.guidance_scale",
+    "pipeline.train_cfg",
+    "pipeline.max_sequence_length",
+]
 
 
 def fail(message: str):
     raise SystemExit(f"error: {message}")
+
+
+def pipeline_family(cfg, choices: dict) -> str:
+    """The run's sampling family: flow (pipeline=flow_sde, a SD3 transformer), ddim (ddim, sdxl) or other."""
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sample import FLOW_PIPELINE  # scripts/sample.py: how it tells a flow run
+
+    choice = choices.get("pipeline")
+    if choice in FLOW_PIPELINES or OmegaConf.select(cfg, "pipeline._target_", default=None) == FLOW_PIPELINE:
+        return "flow"
+    return "ddim" if (choice or "ddim") in DDIM_PIPELINES else "other"
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -204,14 +232,18 @@ def run_prompts(cfg, count: int) -> list[str]:
 
 
 def sample_grid(source: Source, cfg, prompts: list[str], seeds: list[int], device: str, model_path: str | None):
-    """Base and trained model on the same prompts and seeds: rows base/trained per prompt, columns seeds."""
+    """Base and trained model on the same prompts and seeds: rows base/trained per prompt, columns seeds.
+
+    As scripts/sample.py samples: DDIM, or for a flow run the SD3 pipeline's own Euler ODE with
+    ``pipeline.eval_num_steps`` (the run's evaluation sampler).
+    """
     from diffusers import DDIMScheduler
 
     from ddpo.errors import DDPOError
     from ddpo.logging import image_grid
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from sample import apply_trained, load_base, sample_rows  # scripts/sample.py: only this project's loaders
+    from sample import apply_trained, is_flow, load_base, sample_rows  # scripts/sample.py: this project's loaders
 
     try:
         pipe, _ = load_base(source.run_dir, model_path)
@@ -219,7 +251,8 @@ def sample_grid(source: Source, cfg, prompts: list[str], seeds: list[int], devic
         fail(f"cannot build the base model to sample from ({exc}); --no-sample skips the samples")
     except SystemExit as stop:  # scripts/sample.py's one-line refusal (a model loader it does not know)
         fail(f"{str(stop.code).removeprefix('error: ')}; or --no-sample to skip the samples")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if not is_flow(cfg):  # DDPO's sampler; a flow model keeps its FlowMatchEulerDiscreteScheduler
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     base = sample_rows(pipe, prompts, seeds, cfg, device)
@@ -271,30 +304,38 @@ def dotted(container: dict, key: str):
     return value
 
 
-def load_base_code(model: dict) -> tuple[str, str]:
-    """(import lines, the line that builds ``pipe``) for the run's base model."""
+def load_base_code(model: dict, family: str = "ddim") -> tuple[str, str]:
+    """(import lines, the line that builds ``pipe``) for the run's base model.
+
+    A flow run's base is a ``StableDiffusion3Pipeline`` (loaded without T5 when the run dropped it).
+    """
+    cls = "StableDiffusion3Pipeline" if family == "flow" else "DiffusionPipeline"
     target = str(model.get("_target_", ""))
     path = model.get("path")
     if hub_id(path) or (path and target.startswith("ddpo.models.load_")):
-        revision = f', revision="{model["revision"]}"' if model.get("revision") else ""
-        return (
-            "from diffusers import DiffusionPipeline",
-            f'pipe = DiffusionPipeline.from_pretrained("{path}"{revision})',
-        )
+        extra = f', revision="{model["revision"]}"' if model.get("revision") else ""
+        note = ""
+        if family == "flow" and model.get("drop_t5"):
+            extra, note = extra + ", text_encoder_3=None, tokenizer_3=None", "  # trained without T5, as it ran"
+        return f"from diffusers import {cls}", f'pipe = {cls}.from_pretrained("{path}"{extra}){note}'
     if target.startswith("ddpo.models."):  # built or shipped by this package: pip install ddpo-diffusion
         name = target.rsplit(".", 1)[1]
-        keys = ("path", "seed", "resolution", "prediction_type")
+        keys = ("path", "seed", "resolution", "prediction_type", "drop_t5")
         args = ", ".join(f"{k}={model[k]!r}" for k in keys if k in model and model[k] is not None)
-        return f"from ddpo.models import {name}  # pip install ddpo-diffusion", f"pipe = {name}({args})"
-    return "from diffusers import DiffusionPipeline", 'pipe = DiffusionPipeline.from_pretrained("<the base model>")'
+        note = f"  # a diffusers {cls}" if family == "flow" else ""
+        return f"from ddpo.models import {name}  # pip install ddpo-diffusion", f"pipe = {name}({args}){note}"
+    return f"from diffusers import {cls}", f'pipe = {cls}.from_pretrained("<the base model>")'
 
 
 def usage_code(
-    model: dict, kind: str, folders: list[str], weights_dir: str, repo: str, sample: dict, prompt: str, ddim: bool
+    values: dict, kind: str, folders: list[str], weights_dir: str, repo: str, prompt: str, family: str
 ) -> str:
+    """The card's snippet: build the base, load the trained weights, sample as the run samples (or evaluates)."""
     import json
 
-    imports, build = load_base_code(model)
+    model, sample, pipeline = (values.get(k) or {} for k in ("model", "sample", "pipeline"))
+    ddim = family == "ddim"
+    imports, build = load_base_code(model, family)
     lines = [imports, "from diffusers import DDIMScheduler"] if ddim else [imports]
     if kind == "lora":
         load = [f'pipe.load_lora_weights("{repo}")']
@@ -306,6 +347,12 @@ def usage_code(
             lines.append(f"from diffusers import {cls}")
             load.append(f'pipe.{folder} = {cls}.from_pretrained("{repo}", subfolder="{folder}")')
     settings = f"num_inference_steps={sample.get('num_steps')}, guidance_scale={sample.get('guidance_scale')}"
+    if family == "flow":  # the run's evaluation sampler: the ODE (the pipeline's own scheduler), eval_num_steps
+        resolution = model.get("resolution")
+        settings = (
+            f"num_inference_steps={pipeline.get('eval_num_steps')}, guidance_scale={pipeline.get('guidance_scale')}, "
+            f"max_sequence_length={pipeline.get('max_sequence_length')}, height={resolution}, width={resolution}"
+        )
     lines += ["", build, *load]
     if ddim:
         lines.append(
@@ -341,7 +388,11 @@ def write_card(
     reward = choices.get("reward") or str(dotted(values, "reward._target_"))
     prompt_set = choices.get("prompt") or str(dotted(values, "prompt._target_"))
     tags = ["diffusers", "text-to-image", "ddpo", "reinforcement-learning", algorithm]
-    tags += ["stable-diffusion-xl" if choices.get("pipeline") == "sdxl" else "stable-diffusion"]
+    family = info.get("family", "ddim")
+    if family == "flow":
+        tags += ["stable-diffusion-3", "flow-matching"]
+    else:
+        tags += ["stable-diffusion-xl" if choices.get("pipeline") == "sdxl" else "stable-diffusion"]
     if kind == "lora":
         tags += ["lora"]
     data = ModelCardData(
@@ -351,8 +402,9 @@ def write_card(
     first, last = records[0], records[-1]
     best = max(records, key=lambda r: r["reward_mean"] if r.get("reward_mean") is not None else float("-inf"))
     samples = sum(int(r.get("num_samples") or 0) for r in records)
+    denoiser = "transformer (`StableDiffusion3Pipeline`)" if family == "flow" else "UNet"
     what = (
-        f"LoRA adapter (rank {values.get('lora_rank')}) for the UNet"
+        f"LoRA adapter (rank {values.get('lora_rank')}) for the {denoiser}"
         if kind == "lora"
         else "fully fine-tuned " + ", ".join(f"`{f}`" for f in folders)
     )
@@ -374,9 +426,12 @@ def write_card(
             "| metric | first evaluation | last evaluation |\n|---|---|---|\n"
             + "\n".join(f"| `{k}` | {number(evals[0].get(k))} | {number(evals[-1].get(k))} |" for k in keys)
         )
-    params = "\n".join(
-        f"| `{key}` | {dotted(values, key)} |" for key in HYPERPARAMETERS if dotted(values, key) is not None
+    settings = (
+        [k for k in HYPERPARAMETERS if k != "sample.eta"] + FLOW_HYPERPARAMETERS
+        if family == "flow"
+        else HYPERPARAMETERS
     )
+    params = "\n".join(f"| `{key}` | {dotted(values, key)} |" for key in settings if dotted(values, key) is not None)
     algo_params = "\n".join(
         f"| `algorithm.{k}` | {v} |"
         for k, v in (values.get("algorithm") or {}).items()
@@ -434,21 +489,26 @@ The base model's license and use restrictions apply to this model.
     ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(path)
 
 
-def card_samples(args, source: Source, cfg, prompts: list[str], pipeline: str):
+def card_samples(args, source: Source, cfg, prompts: list[str], pipeline: str, family: str):
     """(the card's sample grid or None, its caption): sampled here, or the run's own last logged grid."""
-    ddim = pipeline in DDIM_PIPELINES
-    if not args.no_sample and not ddim:
-        print(f"pipeline={pipeline}: not sampled here (scripts/sample.py runs DDIM); the card shows the run's images")
-    if args.no_sample or not ddim:
+    if not args.no_sample and family == "other":
+        print(
+            f"pipeline={pipeline}: not sampled here (scripts/sample.py samples the DDIM and flow-matching "
+            "families); the card shows the run's images"
+        )
+    if args.no_sample or family == "other":
         grid = logged_grid(source.run_dir)
         return grid, "The last sample batch the run logged (`prompt | reward`)."
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     grid = sample_grid(source, cfg, prompts, args.seeds, device, args.model_path)
+    sampler = (
+        f" Sampled as the run evaluates: the ODE with {cfg.pipeline.eval_num_steps} steps." if family == "flow" else ""
+    )
     return grid, (
         f"Rows: base model, then this model, for each prompt ({', '.join(repr(p) for p in prompts)}); "
-        f"columns: seeds {', '.join(map(str, args.seeds))} (the same noise in both rows)."
+        f"columns: seeds {', '.join(map(str, args.seeds))} (the same noise in both rows).{sampler}"
     )
 
 
@@ -516,14 +576,13 @@ def main(argv=None) -> str:
 
         prompts = args.prompts or run_prompts(cfg, 3)
         pipeline = choices.get("pipeline", "ddim")
-        grid, caption = card_samples(args, source, cfg, prompts, pipeline)
+        family = pipeline_family(cfg, choices)
+        grid, caption = card_samples(args, source, cfg, prompts, pipeline, family)
         if grid is not None:
             grid.save(os.path.join(tmp, "samples.png"))
         values = plain(cfg)
         repo = args.push or os.path.basename(out)  # a Hub id, or this folder's path from its parent
-        model, sample = values.get("model") or {}, values.get("sample") or {}
-        ddim = pipeline in DDIM_PIPELINES
-        usage = usage_code(model, kind, entries, source.weights_dir, repo, sample, prompts[0], ddim)
+        usage = usage_code(values, kind, entries, source.weights_dir, repo, prompts[0], family)
         write_card(
             os.path.join(tmp, "README.md"),
             source,
@@ -533,6 +592,7 @@ def main(argv=None) -> str:
             records,
             kind=kind,
             folders=entries,
+            family=family,
             usage=usage,
             samples_caption=caption if grid is not None else None,
         )

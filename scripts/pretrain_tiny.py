@@ -3,6 +3,8 @@
 
     python scripts/pretrain_tiny.py                      # writes ddpo/assets/tiny_shapes
     python scripts/pretrain_tiny.py --out /tmp/shapes --device cuda
+    python scripts/pretrain_tiny.py --family flow --vae-from ddpo/assets/tiny_shapes --steps 6000
+                                                         # the flow-matching twin: ddpo/assets/tiny_shapes_flow
 
 Everything is procedural (ddpo/shapes.py) and seeded: the data set of captioned renders, the
 initial weights and the batches follow from ``--seed``. The stages:
@@ -16,6 +18,12 @@ initial weights and the batches follow from ``--seed``. The stages:
    with their caption or a caption with one attribute changed;
 4. an evaluation of the pipeline on the held-out prompts with the exact checker, written with
    the settings and wall times to ``pretrain.json`` next to the weights.
+
+``--family flow`` trains the flow-matching twin (``model=tiny_shapes_flow``) instead: a
+``StableDiffusion3Pipeline`` without T5 whose SD3 transformer and two CLIP text encoders learn the
+rectified-flow objective (velocity of x_t = (1 - t) x0 + t noise, t logit-normal) on the same data;
+with ``--vae-from`` it reuses the DDIM model's VAE (same image space) and skips stage 1; the scorer
+of stage 3 is shared, not retrained.
 
 The result is a standard diffusers ``StableDiffusionPipeline`` folder (``save_pretrained``,
 safetensors) plus ``scorer/``. The defaults take about 43 minutes on 2 CPU cores. A GPU helps less

@@ -29,6 +29,7 @@ KNOWN_LOADERS = {
     "ddpo.models.load_stable_diffusion_3": ("path", "revision", "variant", "drop_t5"),
     "ddpo.models.tiny_flow_model": ("path", "seed", "resolution", "drop_t5"),
     "ddpo.models.sd3_architecture": ("seed", "resolution"),
+    "ddpo.models.tiny_shapes_flow_model": ("path", "resolution"),
 }
 FLOW_PIPELINE = "ddpo.pipelines.FlowMatchingDDPOPipeline"  # runs are sampled with diffusers' SD3 pipeline (ODE)
 

@@ -116,6 +116,118 @@ def test_a_full_fine_tuning_export_loads_with_from_pretrained(lora_run, tmp_path
     assert 'pipe.unet = UNet2DConditionModel.from_pretrained("export", subfolder="unet")' in card.text
 
 
+# -- the flow-matching family (pipeline=flow_sde: StableDiffusion3Pipeline) ------------------------
+@pytest.fixture(scope="module")
+def flow_lora_run(tmp_path_factory):
+    """A finished tiny flow-matching LoRA run of two epochs, evaluated with another step count (4) than it trains (3)."""
+    from tests.test_flow import FLOW
+
+    run_dir = tmp_path_factory.mktemp("export_flow") / "run"
+    overrides = [*FLOW, "use_lora=true", "train.learning_rate=1e-2", "pipeline.eval_num_steps=4"]
+    result = run_cli(run_dir, overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def run_model(run_dir):
+    """The run's own model settings, from its .hydra/config.yaml."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(run_dir / ".hydra" / "config.yaml").model
+
+
+def test_a_flow_lora_export_loads_into_stable_diffusion_3_and_samples_with_the_ode(
+    flow_lora_run, tmp_path, monkeypatch
+):
+    from diffusers import StableDiffusion3Pipeline
+
+    from ddpo.models.tiny_flow import build_tiny_flow_pipeline
+    from tests.test_flow import transformer_output
+
+    calls = []
+    original = StableDiffusion3Pipeline.__call__
+
+    def spy(self, *args, **kwargs):  # what the sample grid is drawn with
+        calls.append((kwargs.get("num_inference_steps"), type(self.scheduler).__name__))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "__call__", spy)
+    out = tmp_path / "export"
+    export.main([str(flow_lora_run), "--out", str(out), "--prompts", "a cat", "--seeds", "0", "1"])
+
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", LORA_FILE, "reward_curve.png", "samples.png"]
+    assert (out / LORA_FILE).read_bytes() == (flow_lora_run / "final" / LORA_FILE).read_bytes()
+    # the evaluation sampler: the SD3 pipeline's own Euler ODE with eval_num_steps, base and trained x 2 seeds
+    assert calls == [(4, "FlowMatchEulerDiscreteScheduler")] * 4, calls
+    with Image.open(out / "samples.png") as grid:
+        assert grid.width > 0
+
+    model = run_model(flow_lora_run)
+    pipe = build_tiny_flow_pipeline(seed=model.seed, resolution=model.resolution, with_t5=not model.drop_t5)
+    before = transformer_output(pipe.transformer)
+    pipe.load_lora_weights(str(out))
+    assert (transformer_output(pipe.transformer) - before).abs().max().item() > 1e-4
+
+    card = ModelCard.load(out / "README.md")
+    assert {"lora", "stable-diffusion-3", "flow-matching"} <= set(card.data.tags)
+    assert "stable-diffusion" not in card.data.tags and card.data.base_model is None
+    text = card.text
+    for record in read_metrics(flow_lora_run):
+        assert f"| {record['epoch']} | {record['reward_mean']:.4f} | {record['reward_std']:.4f} |" in text
+    assert "StableDiffusion3Pipeline" in text and "DDIMScheduler" not in text and "sample.eta" not in text
+    assert "from ddpo.models import tiny_flow_model" in text and 'pipe.load_lora_weights("export")' in text
+    assert "num_inference_steps=4, guidance_scale=" in text and "max_sequence_length=8, height=64, width=64" in text
+    assert "| `pipeline.eval_num_steps` | 4 |" in text and "pipeline=flow_sde" in text
+    assert "the ODE with 4 steps" in text
+
+
+def test_a_flow_full_fine_tuning_export_holds_the_transformer(flow_lora_run, tmp_path):
+    """A flow run whose final/ holds a whole transformer exports transformer/, loadable as a subfolder."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from ddpo.models.tiny_flow import build_tiny_flow_pipeline
+    from tests.test_flow import transformer_output
+
+    run = tmp_path / "full"
+    shutil.copytree(flow_lora_run, run, ignore=shutil.ignore_patterns("final", "checkpoints"))
+    transformer = build_tiny_flow_pipeline(seed=0).transformer
+    with torch.no_grad():
+        transformer.proj_out.bias.add_(0.5)  # a "trained" transformer that differs from the base
+    transformer.save_pretrained(run / "final" / "transformer")
+    out = tmp_path / "export"
+    export.main([str(run), "--out", str(out), "--no-sample"])
+
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "reward_curve.png", "samples.png", "transformer"]
+    loaded = SD3Transformer2DModel.from_pretrained(str(out), subfolder="transformer")
+    torch.testing.assert_close(transformer_output(loaded), transformer_output(transformer), rtol=0, atol=0)
+    card = ModelCard.load(out / "README.md")
+    assert "lora" not in card.data.tags
+    text = card.text
+    assert 'pipe.transformer = SD3Transformer2DModel.from_pretrained("export", subfolder="transformer")' in text
+    assert "# a diffusers StableDiffusion3Pipeline" in text
+
+
+@pytest.mark.parametrize("drop_t5", [False, True], ids=["t5", "no-t5"])
+def test_a_hub_flow_model_card_loads_its_base_with_stable_diffusion_3(drop_t5):
+    """The card's snippet names the run's own Hub model and samples as the run evaluates."""
+    from tests.conftest import compose
+
+    cfg = compose(["model=sd35_medium", "pipeline=flow_sde", "use_lora=true", f"model.drop_t5={drop_t5}"])
+    assert export.pipeline_family(cfg, {"pipeline": "flow_sde"}) == "flow"
+    values = export.plain(cfg)
+    code = export.usage_code(values, "lora", [LORA_FILE], "", "me/ddpo-sd35", "a cat", "flow")
+    lines = code.splitlines()
+    assert lines[0] == "from diffusers import StableDiffusion3Pipeline"
+    build = 'pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium"'
+    assert any(line.startswith(build) for line in lines), code
+    assert ("text_encoder_3=None, tokenizer_3=None)" in code) == drop_t5, code
+    assert 'pipe.load_lora_weights("me/ddpo-sd35")' in code and "DDIMScheduler" not in code
+    steps = values["pipeline"]["eval_num_steps"]
+    assert f"image = pipe('a cat', num_inference_steps={steps}, " in code and "height=512, width=512" in code
+    compile(code, "card", "exec")  # the snippet is valid Python
+
+
 def test_push_creates_the_repo_and_uploads_the_folder(lora_run, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, **kw: calls.append(("create", kw)) or "https://hub/me/tiny")

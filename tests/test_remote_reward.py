@@ -244,14 +244,50 @@ def test_a_malformed_answer_is_one_line_naming_the_url(stub, case):
 
 
 def test_a_malformed_answer_stops_training_in_one_line(stub, tmp_path):
-    from ddpo.errors import DDPOError
+    from rewards.remote import RemoteRewardError
 
     stub.answers = [(200, _scores([1.0]), 0.0)]
-    with pytest.raises(DDPOError) as caught:
+    with pytest.raises(RemoteRewardError) as caught:  # the remote reward's own error, not wrapped by the trainer
         run_in_process(tmp_path / "run", [*ONE_EPOCH, "reward=remote", f"reward.url={stub.url}"])
     message = one_error_line(caught.value)
-    assert stub.url in message and "has 1 values for 2 images" in message, message
+    assert message.startswith(f"reward server {stub.url}/score answered malformed data: "), message
+    assert "has 1 values for 2 images" in message and "failed:" not in message, message
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_failing_server_ends_train_py_with_its_own_line_and_exit_status_1(stub, tmp_path):
+    """The error boundary prints the remote reward's one line as raised: no "reward ... failed: ..." prefix."""
+    from tests.conftest import run_cli
+
+    stub.answers = [(400, b"no", 0.0)]
+    result = run_cli(tmp_path / "run", [*ONE_EPOCH, "reward=remote", f"reward.url={stub.url}"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: reward server {stub.url}/score ") and "HTTP 400" in last, last
+    assert "failed:" not in last and len(last) < 300, last
+    assert last in (tmp_path / "run" / "train.log").read_text()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_collect_reward_passes_project_errors_through_and_names_foreign_ones():
+    from concurrent.futures import Future
+
+    from ddpo.errors import ConfigError
+    from ddpo.trainer import RewardError, collect_reward
+    from rewards.remote import RemoteRewardError
+
+    def failed(exc: BaseException) -> Future:
+        future = Future()
+        future.set_exception(exc)
+        return future
+
+    for error in (RemoteRewardError("reward server http://x/score did not answer after 3 tries"), ConfigError("bad")):
+        with pytest.raises(type(error)) as caught:
+            collect_reward("remote (RemoteReward)", failed(error), 2)
+        assert caught.value is error  # as raised: same object, same one-line message
+    with pytest.raises(RewardError) as caught:
+        collect_reward("jpeg", failed(RuntimeError("scorer exploded")), 2)
+    assert str(caught.value) == "reward 'jpeg' failed: RuntimeError: scorer exploded"
 
 
 def test_a_server_of_another_protocol_is_refused_when_built(stub):
@@ -346,7 +382,7 @@ def test_killing_the_server_stops_the_run_in_one_line_and_the_rerun_resumes(tmp_
     assert process.returncode == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and f"reward server {url}/score did not answer after 3 tries" in last, last
+    assert last.startswith(f"error: reward server {url}/score did not answer after 3 tries"), last
     assert last in (run_dir / "train.log").read_text()
     done = [r["epoch"] for r in read_metrics(run_dir)]
     assert done == list(range(len(done))) and len(done) >= 2

@@ -16,6 +16,11 @@ SHIPPED = tiny_shapes_dir()
 needs_model = pytest.mark.skipif(
     not (SHIPPED / "model_index.json").is_file(), reason="the tiny shapes model is not in ddpo/assets/tiny_shapes"
 )
+SHIPPED_FLOW = tiny_shapes_dir("tiny_shapes_flow")
+needs_flow_model = pytest.mark.skipif(
+    not (SHIPPED_FLOW / "model_index.json").is_file(),
+    reason="the tiny shapes flow model is not in ddpo/assets/tiny_shapes_flow",
+)
 
 
 def test_grammar_round_trips_and_splits_are_disjoint():
@@ -143,6 +148,53 @@ def test_shipped_model_is_small_safetensors_and_loads_offline(monkeypatch):
     pipe = tiny_shapes_model()
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert pipe.unet.config.sample_size * 2 == 32
+
+
+@needs_flow_model
+def test_shipped_flow_twin_is_small_safetensors_shares_the_vae_and_loads_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = [f for f in SHIPPED_FLOW.rglob("*") if f.is_file()]
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    assert weights and all(f.suffix == ".safetensors" for f in weights), weights
+    assert all(f.stat().st_size < 15e6 for f in weights)
+    vae, twin_vae = (d / "vae" / "diffusion_pytorch_model.safetensors" for d in (SHIPPED, SHIPPED_FLOW))
+    assert vae.read_bytes() == twin_vae.read_bytes()  # the same image space as the DDIM model
+    from ddpo.models import tiny_shapes_flow_model
+
+    pipe = tiny_shapes_flow_model()
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    assert pipe.transformer.config.sample_size * 2 == 32
+
+
+@needs_flow_model
+def test_flow_twin_preset_trains_and_evaluates_on_the_held_out_checker(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        "experiment=tiny_shapes_flow_alignment",
+        "logger=none",
+        "sample.num_steps=4",
+        "pipeline.sde_window=[0,3]",
+        "pipeline.eval_num_steps=4",
+        "algorithm.group_size=4",
+        "sample.batch_size=8",
+        "sample.num_batches_per_epoch=1",
+        "train.batch_size=8",
+        "num_epochs=1",
+        "save_freq=1",
+        "eval.every=1",
+        "eval.seeds=1",
+    ]
+    result = run_cli(run_dir, overrides, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 1]
+    for record in evals:
+        assert 0 <= record["eval_shape_alignment_correct"] <= 1 and record["eval_shape_alignment_colour"] > 0.5
+    assert (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
 @needs_model

@@ -7,6 +7,7 @@ from ddpo.models.loading import (
     tiny_flow_model,
     tiny_model,
     tiny_sdxl_model,
+    tiny_shapes_flow_model,
     tiny_shapes_model,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "tiny_flow_model",
     "tiny_model",
     "tiny_sdxl_model",
+    "tiny_shapes_flow_model",
     "tiny_shapes_model",
 ]

@@ -146,12 +146,13 @@ def sd15_architecture(seed: int = 0, resolution: int = 512):
     return build_sd15_architecture(seed=seed, resolution=resolution)
 
 
-def tiny_shapes_dir():
-    """The shipped tiny shapes model (``scripts/pretrain_tiny.py``): package data in ``ddpo/assets``."""
+def tiny_shapes_dir(name: str = "tiny_shapes"):
+    """A shipped tiny shapes model (``scripts/pretrain_tiny.py``): package data in ``ddpo/assets``
+    (``tiny_shapes``: the DDIM model; ``tiny_shapes_flow``: its flow-matching twin)."""
     from importlib import resources
     from pathlib import Path
 
-    return Path(str(resources.files("ddpo.assets").joinpath("tiny_shapes")))
+    return Path(str(resources.files("ddpo.assets").joinpath(name)))
 
 
 def tiny_shapes_model(path: str | None = None, resolution: int = 32):
@@ -163,3 +164,15 @@ def tiny_shapes_model(path: str | None = None, resolution: int = 32):
             f"the shipped tiny shapes model is missing from {directory} (python scripts/pretrain_tiny.py writes it)"
         )
     return load_stable_diffusion(directory)
+
+
+def tiny_shapes_flow_model(path: str | None = None, resolution: int = 32):
+    """The flow-matching twin of the tiny shapes model: a ``StableDiffusion3Pipeline`` (no T5) loaded
+    from safetensors files with no network (``scripts/pretrain_tiny.py --family flow``)."""
+    directory = path or str(tiny_shapes_dir("tiny_shapes_flow"))
+    if not path and not os.path.isfile(os.path.join(directory, "model_index.json")):
+        raise ConfigError(
+            f"the shipped tiny shapes flow model is missing from {directory} "
+            "(python scripts/pretrain_tiny.py --family flow writes it)"
+        )
+    return load_stable_diffusion_3(directory, drop_t5=True)

@@ -2,7 +2,7 @@
 """Pretrain the tiny shapes model (``model=tiny_shapes``) and its learned scorer from scratch.
 
     python scripts/pretrain_tiny.py                      # writes ddpo/assets/tiny_shapes
-    python scripts/pretrain_tiny.py --out /tmp/shapes --device cuda
+    python scripts/pretrain_tiny.py --out outputs/shapes --device cuda
     python scripts/pretrain_tiny.py --family flow --vae-from ddpo/assets/tiny_shapes --steps 6000
                                                          # the flow-matching twin: ddpo/assets/tiny_shapes_flow
 

@@ -232,7 +232,7 @@ def report(r: dict) -> None:
         f"{r['throughput']['timesteps_per_s_trained']:.2f} timesteps/s trained"
     )
     print(
-        f"floor: {n['unet_forward']} UNet fwd x {c['unet_forward_s'] * 1e3:.2f} ms = {f['sampling_s']:.3f}s, "
+        f"floor: {n['unet_forward']} denoiser fwd x {c['unet_forward_s'] * 1e3:.2f} ms = {f['sampling_s']:.3f}s, "
         f"{n['unet_forward_backward']} fwd+bwd x {c['unet_forward_backward_s'] * 1e3:.2f} ms = {f['training_s']:.3f}s, "
         f"{n['vae_decode']} VAE decode x {c['vae_decode_s'] * 1e3:.2f} ms = {f['decode_s']:.3f}s; total {f['total_s']:.3f}s"
     )

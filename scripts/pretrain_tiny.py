@@ -176,6 +176,27 @@ def train_vae(images: torch.Tensor, args, device) -> tuple:
     return vae, means.cpu() * scaling
 
 
+def ema_step(loss, optimizer, params, ema, step: int, ema_decay: float, running: float | None) -> float:
+    """One optimizer step (gradient norm clipped to 1) and the EMA update of ``params`` into ``ema``
+    (decay warmed up as (1 + step) / (10 + step)); returns the running mean of the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            e.lerp_(p.detach(), 1 - decay)
+    return loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+
+
+def load_ema(ema, params) -> None:
+    """Put the EMA weights into the parameters (sampling uses the average)."""
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+
+
 def encode_captions(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(
         captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
@@ -224,19 +245,9 @@ def train_diffusion(latents: torch.Tensor, scenes: list, tokenizer, args, device
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         hidden = text_encoder(ids.to(device)).last_hidden_state
         loss = F.mse_loss(unet(xt, t, encoder_hidden_states=hidden).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = ema_step(loss, optimizer, params, ema, step, args.ema, running)
         progress(step, loss=running)
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
+    load_ema(ema, params)
     return unet.eval(), text_encoder.eval()
 
 
@@ -332,19 +343,9 @@ def train_flow(latents: torch.Tensor, scenes: list, tokenizer, vae, args, device
             hidden_states=xt, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t * 1000
         ).sample
         loss = F.mse_loss(velocity, noise - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = ema_step(loss, optimizer, params, ema, step, args.ema, running)
         progress(step, loss=running)
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
+    load_ema(ema, params)
     for module in (transformer, text_encoder, text_encoder_2):
         module.eval()
     return pipe

@@ -174,3 +174,34 @@ class DDPOPipeline(ABC):
 
         path = os.path.join(directory, TRAINED_WEIGHTS_FILE)
         self.load_trained_state_dict(load_file(path) if os.path.isfile(path) else self.read_export(directory))
+
+
+class DenoiserReference:
+    """The reference policy of a pipeline whose trainable module (``trainable_module()``) is called
+    through ``self._denoiser``: with LoRA, the same module with its adapters disabled (no second copy
+    of the weights); with full fine-tuning, a frozen copy of the module made by ``keep_reference``.
+    The pipeline sets ``self._reference = None``, ``self.use_lora`` and ``self.dtype``."""
+
+    def keep_reference(self) -> None:
+        if not self.use_lora and self._reference is None:  # full fine-tuning: a frozen copy of the start
+            import copy
+
+            self._reference = copy.deepcopy(self.trainable_module()).requires_grad_(False).eval().to(self.dtype)
+
+    @contextlib.contextmanager
+    def reference(self):
+        if self.use_lora:  # the same module with its adapters off: no second copy of the weights
+            module = self.trainable_module()
+            module.disable_adapters()
+            try:
+                yield
+            finally:
+                module.enable_adapters()
+            return
+        if self._reference is None:
+            raise RuntimeError("keep_reference() was not called before training")
+        denoiser, self._denoiser = self._denoiser, self._reference
+        try:
+            yield
+        finally:
+            self._denoiser = denoiser

@@ -23,13 +23,12 @@ joint-attention projections (image and text streams, Flow-GRPO's targets) or all
 """
 
 import contextlib
-import copy
 import os
 
 import torch
 
 from ddpo.errors import ConfigError
-from ddpo.pipelines.base import DDPOPipeline, Rollout
+from ddpo.pipelines.base import DDPOPipeline, DenoiserReference, Rollout
 from ddpo.schedulers.ddim import draw_noise
 from ddpo.schedulers.flow_sde import SIGMA_SCHEDULES, flow_noise_scale, flow_ode_step, flow_sde_step
 
@@ -62,7 +61,7 @@ class _Schedule:
         self.noise_scales = scales.to(device)
 
 
-class FlowMatchingDDPOPipeline(DDPOPipeline):
+class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
     """Wraps a diffusers ``StableDiffusion3Pipeline``; its Euler ODE steps become SDE steps with log probabilities.
 
     Frozen modules are cast to the mixed-precision dtype; trainable weights stay in float32 and the
@@ -355,28 +354,6 @@ class FlowMatchingDDPOPipeline(DDPOPipeline):
             prev_sample=transitions["next_latents"],
         )
         return log_prob, mean, std
-
-    # -- the reference policy (KL) -----------------------------------------------------------
-    def keep_reference(self) -> None:
-        if not self.use_lora and self._reference is None:  # full fine-tuning: a frozen copy of the start
-            self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval().to(self.dtype)
-
-    @contextlib.contextmanager
-    def reference(self):
-        if self.use_lora:  # the same transformer with its adapters off: no second copy of the weights
-            self.transformer.disable_adapters()
-            try:
-                yield
-            finally:
-                self.transformer.enable_adapters()
-            return
-        if self._reference is None:
-            raise RuntimeError("keep_reference() was not called before training")
-        denoiser, self._denoiser = self._denoiser, self._reference
-        try:
-            yield
-        finally:
-            self._denoiser = denoiser
 
     # -- export ------------------------------------------------------------------------------
     @property

@@ -6,14 +6,14 @@ import os
 import torch
 
 from ddpo.errors import ConfigError
-from ddpo.pipelines.base import DDPOPipeline, Rollout
+from ddpo.pipelines.base import DDPOPipeline, DenoiserReference, Rollout
 from ddpo.schedulers.ddim import ddim_step_with_logprob, draw_noise
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class StableDiffusionDDPOPipeline(DDPOPipeline):
+class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
     """Wraps a diffusers ``StableDiffusionPipeline``; the scheduler is replaced by DDIM.
 
     Only the UNet is trained: its LoRA adapters (``use_lora``) or all of its weights. Frozen
@@ -238,30 +238,6 @@ class StableDiffusionDDPOPipeline(DDPOPipeline):
             return_gaussian=True,
         )
         return log_prob, mean, std
-
-    # -- the reference policy (KL) -----------------------------------------------------------
-    def keep_reference(self) -> None:
-        if not self.use_lora and self._reference is None:  # full fine-tuning: a frozen copy of the start
-            import copy
-
-            self._reference = copy.deepcopy(self.unet).requires_grad_(False).eval().to(self.dtype)
-
-    @contextlib.contextmanager
-    def reference(self):
-        if self.use_lora:  # the same UNet with its adapters off: no second copy of the weights
-            self.unet.disable_adapters()
-            try:
-                yield
-            finally:
-                self.unet.enable_adapters()
-            return
-        if self._reference is None:
-            raise RuntimeError("keep_reference() was not called before training")
-        denoiser, self._denoiser = self._denoiser, self._reference
-        try:
-            yield
-        finally:
-            self._denoiser = denoiser
 
     # -- export ------------------------------------------------------------------------------
     @property

@@ -189,7 +189,17 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
         seeds = [algorithm.sample_seeds(run.seed, epoch, first + i * s.batch_size + j) for j in range(s.batch_size)]
         prompts, metadata = map(list, zip(*(comps.prompt_fn(random.Random(prompt_seed)) for prompt_seed, _ in seeds)))
         generator = [torch.Generator(device=accelerator.device).manual_seed(noise_seed) for _, noise_seed in seeds]
-        batch = pipeline.sample(pipeline.encode_prompts(prompts), generator=generator)
+        initial = [
+            algorithm.initial_noise_seed(run.seed, epoch, first + i * s.batch_size + j) for j in range(s.batch_size)
+        ]
+        initial_generator = (
+            None
+            if all(seed is None for seed in initial)
+            else [torch.Generator(device=accelerator.device).manual_seed(seed) for seed in initial]
+        )
+        batch = pipeline.sample(
+            pipeline.encode_prompts(prompts), generator=generator, initial_generator=initial_generator
+        )
         futures.append(executor.submit(timed_call, comps.reward_fn, batch.images, prompts, metadata))
         batches.append(batch)
         prompts_all.extend(prompts)

@@ -36,10 +36,15 @@ def test_grpo_refuses_groups_that_do_not_fit():
         grpo(group_size=1)
 
 
-@pytest.mark.parametrize("shared_noise", [False, True])
-def test_grpo_epoch_samples_each_prompt_for_a_whole_group(tmp_path, shared_noise):
+@pytest.mark.parametrize(
+    "shared_noise,family",
+    [(False, []), (True, []), (True, ["model=tiny_flow", "pipeline=flow_sde", "pipeline.max_sequence_length=8"])],
+    ids=["own-noise", "shared-noise", "shared-noise-flow"],
+)
+def test_grpo_epoch_samples_each_prompt_for_a_whole_group(tmp_path, shared_noise, family):
     overrides = [
         *TINY,
+        *family,
         "algorithm=grpo",
         "algorithm.group_size=2",
         f"algorithm.shared_noise={shared_noise}",
@@ -54,8 +59,12 @@ def test_grpo_epoch_samples_each_prompt_for_a_whole_group(tmp_path, shared_noise
     first_latents = samples.batch.steps["latents"][:, 0]
     same = [torch.equal(first_latents[i], first_latents[i + 1]) for i in range(0, 6, 2)]
     assert all(same) if shared_noise else not any(same)
+    # the step noise is each sample's own: shared initial noise must not make a group's samples identical
+    # (identical samples would give every advantage 0 and train nothing)
+    final = samples.batch.steps["next_latents"][:, -1]
+    assert not any(torch.equal(final[i], final[i + 1]) for i in range(0, 6, 2))
     advantages, rewards, _, _ = compute_advantages(comps, samples)
-    pairs = rewards.reshape(-1, 2)
+    pairs = np.asarray(rewards, dtype=np.float64).reshape(-1, 2)
     expected = (pairs - pairs.mean(1, keepdims=True)) / (pairs.std(1, keepdims=True) + 1e-4)
     np.testing.assert_allclose(advantages.numpy(), np.clip(expected.reshape(-1), -5, 5), rtol=1e-5, atol=1e-6)
 

@@ -53,6 +53,11 @@ class Algorithm(ABC):
         own = sample_seed(seed, epoch, index)
         return derived_seed(own, 1), derived_seed(own, 2)
 
+    def initial_noise_seed(self, seed: int, epoch: int, index: int) -> int | None:
+        """The seed of sample ``index``'s initial noise when it is not drawn from its own noise seed
+        (samples sharing it share their initial latent); None: from the noise seed."""
+        return None
+
     def check_plan(self, samples_per_epoch: int) -> None:
         """Refuse an epoch size the algorithm cannot use (one ConfigError naming the keys)."""
 

@@ -20,8 +20,8 @@ class GRPO(Algorithm):
     group_size: samples per prompt in every epoch (>= 2).
     scale_by_std: divide by the group's std (GRPO); false keeps only the mean baseline (Dr. GRPO).
     eps: added to the group std (Flow-GRPO uses 1e-4).
-    shared_noise: the samples of a group also share their initial noise (they then differ only by
-        the sampler's step noise).
+    shared_noise: the samples of a group share their initial noise; each still draws its own step
+        noise, so they differ only by the sampler's steps.
     """
 
     def __init__(
@@ -47,8 +47,12 @@ class GRPO(Algorithm):
 
     def sample_seeds(self, seed: int, epoch: int, index: int) -> tuple[int, int]:
         group = group_seed(seed, epoch, index // self.group_size)
-        noise = group if self.shared_noise else sample_seed(seed, epoch, index)
-        return derived_seed(group, 1), derived_seed(noise, 2)
+        return derived_seed(group, 1), derived_seed(sample_seed(seed, epoch, index), 2)
+
+    def initial_noise_seed(self, seed: int, epoch: int, index: int) -> int | None:
+        if not self.shared_noise:
+            return None
+        return derived_seed(group_seed(seed, epoch, index // self.group_size), 3)
 
     def check_plan(self, samples_per_epoch: int) -> None:
         if samples_per_epoch % self.group_size:

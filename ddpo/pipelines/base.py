@@ -70,11 +70,18 @@ class DDPOPipeline(ABC):
         """Per-sample conditioning of a batch of prompts (no gradients)."""
 
     @abstractmethod
-    def sample(self, conditioning: dict[str, torch.Tensor], generator: list[torch.Generator]) -> Rollout:
+    def sample(
+        self,
+        conditioning: dict[str, torch.Tensor],
+        generator: list[torch.Generator],
+        initial_generator: list[torch.Generator] | None = None,
+    ) -> Rollout:
         """Sample images and record every transition with its log probability (no gradients).
 
         ``generator`` holds one generator per sample: each sample's initial latent and step noise
-        come from its own generator, whatever batch it is drawn in.
+        come from its own generator, whatever batch it is drawn in. With ``initial_generator`` (one
+        per sample) the initial latents come from those instead and ``generator`` gives only the
+        step noise: samples can share their initial noise and still differ in every step.
         """
 
     @abstractmethod

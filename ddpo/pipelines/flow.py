@@ -298,7 +298,7 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
         return uncond + self.guidance_scale * (cond - uncond)
 
     @torch.no_grad()
-    def sample(self, conditioning, generator) -> Rollout:
+    def sample(self, conditioning, generator, initial_generator=None) -> Rollout:
         conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
         batch = conditioning["prompt_embeds"].shape[0]
         evaluating = self._evaluating
@@ -306,7 +306,7 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
         start, end = (0, 0) if evaluating else self.window
         size = self.resolution // self.vae_scale_factor
         shape = (batch, self.transformer.config.in_channels, size, size)
-        latents = draw_noise(shape, generator, self.device, torch.float32)  # t = 1: pure noise
+        latents = draw_noise(shape, initial_generator or generator, self.device, torch.float32)  # t = 1: pure noise
         stored = {"latents": [], "next_latents": [], "log_probs": []}
         for i in range(schedule.num_steps):
             t, t_next = schedule.sigmas[i], schedule.sigmas[i + 1]

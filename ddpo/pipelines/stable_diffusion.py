@@ -40,6 +40,7 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
         gradient_checkpointing: bool = False,
         attention: str = "sdpa",
         compile_unet: bool = False,
+        train_window: list[int] | tuple[int, int] | None = None,
     ):
         from diffusers import DDIMScheduler
 
@@ -49,6 +50,7 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
                 "log probability to optimise"
             )
         self.num_steps, self.eta, self.guidance_scale = num_steps, eta, guidance_scale
+        self.window = self._check_window(train_window, num_steps)
         # guided exactly when sampling is (a scale of 1 means no guidance, as in diffusers)
         self.sample_cfg = guidance_scale > 1.0
         self.train_cfg = train_cfg and self.sample_cfg
@@ -109,6 +111,25 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
     @property
     def max_num_steps(self) -> int:
         return self.scheduler.config.num_train_timesteps
+
+    @property
+    def stored_steps(self) -> int | None:
+        if self.window is None:
+            return None
+        start, end = self.window
+        return end - start
+
+    @staticmethod
+    def _check_window(window, num_steps: int) -> tuple[int, int] | None:
+        if window is None:
+            return None
+        window = tuple(int(i) for i in window)
+        if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
+            raise ConfigError(
+                f"pipeline.train_window must be [start, end) with 0 <= start < end <= num_steps={num_steps} "
+                f"(got {list(window)}); null trains every step"
+            )
+        return window
 
     def trainable_module(self) -> torch.nn.Module:
         return self.unet
@@ -187,14 +208,14 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
         return uncond + guidance_scale * (cond - uncond)
 
     @torch.no_grad()
-    def sample(self, conditioning, generator) -> Rollout:
+    def sample(self, conditioning, generator, initial_generator=None) -> Rollout:
         conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
         batch = conditioning["prompt_embeds"].shape[0]
         self.scheduler.set_timesteps(self.num_steps, device=self.device)
         timesteps = self.scheduler.timesteps
         size = self.resolution // self.vae_scale_factor
         shape = (batch, self.unet.config.in_channels, size, size)
-        latents = draw_noise(shape, generator, self.device, torch.float32)
+        latents = draw_noise(shape, initial_generator or generator, self.device, torch.float32)
         latents = latents * self.scheduler.init_noise_sigma
         trajectory, log_probs = [latents], []
         for t in timesteps:
@@ -206,13 +227,15 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
             trajectory.append(latents)
             log_probs.append(log_prob)
         chain = torch.stack(trajectory, dim=1)
+        # every step samples with eta; with a train window only its transitions are kept for training
+        start, end = self.window or (0, len(timesteps))
         return Rollout(
             conditioning=conditioning,
             steps={
-                "timesteps": timesteps.expand(batch, -1).clone(),
-                "latents": chain[:, :-1],
-                "next_latents": chain[:, 1:],
-                "log_probs": torch.stack(log_probs, dim=1),
+                "timesteps": timesteps[start:end].expand(batch, -1).clone(),
+                "latents": chain[:, start:end],
+                "next_latents": chain[:, start + 1 : end + 1],
+                "log_probs": torch.stack(log_probs[start:end], dim=1),
             },
             images=self.decode(latents),
         )

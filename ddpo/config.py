@@ -340,8 +340,20 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
             f"sample.num_steps={run.sample.num_steps} exceeds the scheduler's "
             f"{pipeline.max_num_steps} training timesteps"
         )
-    if pipeline.stored_steps is not None:  # only some steps are transitions (an SDE window)
-        plan = plan_batches(run, accelerator.num_processes, pipeline.stored_steps)
+    stored_steps = pipeline.stored_steps
+    if algorithm.stored_steps is not None:  # the algorithm decides the transitions (branched chains)
+        if not pipeline.supports_branching:
+            raise ConfigError(
+                f"{type(pipeline).__name__} cannot branch chains (algorithm.branch_window); pipeline=ddim and sdxl can"
+            )
+        if getattr(pipeline, "window", None) is not None:
+            raise ConfigError(
+                "algorithm.branch_window and pipeline.train_window both choose the trained steps: set one"
+            )
+        algorithm.check_steps(run.sample.num_steps)
+        stored_steps = algorithm.stored_steps
+    if stored_steps is not None:  # only some steps are transitions (an SDE or train window, branched chains)
+        plan = plan_batches(run, accelerator.num_processes, stored_steps)
     evaluator = build_evaluator(cfg, run, prompt_fn, {reward_name: reward_fn}, accelerator.device)
     hook_cfg = logger_cfg.get("image_hook")
     image_hook = _instantiate(hook_cfg, "the image hook (logger.image_hook)") if hook_cfg else None

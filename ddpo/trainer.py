@@ -189,16 +189,16 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
         seeds = [algorithm.sample_seeds(run.seed, epoch, first + i * s.batch_size + j) for j in range(s.batch_size)]
         prompts, metadata = map(list, zip(*(comps.prompt_fn(random.Random(prompt_seed)) for prompt_seed, _ in seeds)))
         generator = [torch.Generator(device=accelerator.device).manual_seed(noise_seed) for _, noise_seed in seeds]
-        initial = [
-            algorithm.initial_noise_seed(run.seed, epoch, first + i * s.batch_size + j) for j in range(s.batch_size)
-        ]
-        initial_generator = (
-            None
-            if all(seed is None for seed in initial)
-            else [torch.Generator(device=accelerator.device).manual_seed(seed) for seed in initial]
-        )
+        indices = [first + i * s.batch_size + j for j in range(s.batch_size)]
+        shared = [algorithm.shared_noise_seed(run.seed, epoch, index) for index in indices]
+        branch = [algorithm.branch_step(run.seed, epoch, index) for index in indices]
         batch = pipeline.sample(
-            pipeline.encode_prompts(prompts), generator=generator, initial_generator=initial_generator
+            pipeline.encode_prompts(prompts),
+            generator=generator,
+            shared_generator=None
+            if all(seed is None for seed in shared)
+            else [torch.Generator(device=accelerator.device).manual_seed(seed) for seed in shared],
+            branch_steps=None if all(k is None for k in branch) else branch,
         )
         futures.append(executor.submit(timed_call, comps.reward_fn, batch.images, prompts, metadata))
         batches.append(batch)

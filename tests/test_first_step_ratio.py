@@ -51,6 +51,11 @@ def first_step_losses(tmp_path, overrides, base=TINY):
         pytest.param(["use_lora=false", "train.cfg=true"], id="full-cfg"),
         pytest.param(["use_lora=true", "train.cfg=true", "train.timesteps_per_call=3"], id="lora-cfg-3-per-call"),
         pytest.param(["use_lora=false", "train.cfg=false", "sample.guidance_scale=1.0"], id="full-no-guidance"),
+        pytest.param(
+            ["use_lora=true", "algorithm=grpo", "algorithm.group_size=2", "algorithm.branch_window=[0,2]"],
+            id="lora-grpo-branched",
+        ),
+        pytest.param(["use_lora=true", "pipeline.train_window=[1,3]"], id="lora-train-window"),
     ],
 )
 def test_first_step_ratio_is_one(tmp_path, overrides):

@@ -53,10 +53,23 @@ class Algorithm(ABC):
         own = sample_seed(seed, epoch, index)
         return derived_seed(own, 1), derived_seed(own, 2)
 
-    def initial_noise_seed(self, seed: int, epoch: int, index: int) -> int | None:
-        """The seed of sample ``index``'s initial noise when it is not drawn from its own noise seed
-        (samples sharing it share their initial latent); None: from the noise seed."""
+    def shared_noise_seed(self, seed: int, epoch: int, index: int) -> int | None:
+        """The seed of the noise sample ``index`` shares with others (its initial latent, and with
+        ``branch_step`` every step but that one); None: all its noise from its own noise seed."""
         return None
+
+    def branch_step(self, seed: int, epoch: int, index: int) -> int | None:
+        """The one step at which sample ``index``'s chain leaves its group's shared noise (the only
+        step stored and trained); None: the chain does not branch."""
+        return None
+
+    @property
+    def stored_steps(self) -> int | None:
+        """Transitions stored per sample when the algorithm decides it (1 when chains branch)."""
+        return None
+
+    def check_steps(self, num_steps: int) -> None:
+        """Refuse settings that do not fit a chain of ``num_steps`` steps (one ConfigError)."""
 
     def check_plan(self, samples_per_epoch: int) -> None:
         """Refuse an epoch size the algorithm cannot use (one ConfigError naming the keys)."""

@@ -22,6 +22,12 @@ class GRPO(Algorithm):
     eps: added to the group std (Flow-GRPO uses 1e-4).
     shared_noise: the samples of a group share their initial noise; each still draws its own step
         noise, so they differ only by the sampler's steps.
+    branch_window: [start, end) step indices, or None. Each group branches at one step drawn from
+        the window (uniformly, per group and epoch): its samples share the initial noise and every
+        step's noise but that step's, so their chains agree up to it and part there, and the
+        reward differences within the group come from that one step, the only one stored and
+        trained (branched rollouts: single-step credit as in TempFlow-GRPO, He et al. 2025).
+        Needs a pipeline that can branch (pipeline=ddim, sdxl).
     """
 
     def __init__(
@@ -32,6 +38,7 @@ class GRPO(Algorithm):
         scale_by_std: bool = True,
         eps: float = 1e-4,
         shared_noise: bool = False,
+        branch_window: list[int] | tuple[int, int] | None = None,
         kl_coef: float = 0.0,
         track_kl_ref: bool = False,
     ):
@@ -44,15 +51,40 @@ class GRPO(Algorithm):
         self.scale_by_std = scale_by_std
         self.eps = eps
         self.shared_noise = shared_noise
+        self.branch_window = None
+        if branch_window is not None:
+            window = tuple(int(i) for i in branch_window)
+            if len(window) != 2 or not 0 <= window[0] < window[1]:
+                raise ConfigError(
+                    f"algorithm.branch_window must be [start, end) with 0 <= start < end (got {list(branch_window)})"
+                )
+            self.branch_window = window
 
     def sample_seeds(self, seed: int, epoch: int, index: int) -> tuple[int, int]:
         group = group_seed(seed, epoch, index // self.group_size)
         return derived_seed(group, 1), derived_seed(sample_seed(seed, epoch, index), 2)
 
-    def initial_noise_seed(self, seed: int, epoch: int, index: int) -> int | None:
-        if not self.shared_noise:
+    def shared_noise_seed(self, seed: int, epoch: int, index: int) -> int | None:
+        if not (self.shared_noise or self.branch_window):
             return None
         return derived_seed(group_seed(seed, epoch, index // self.group_size), 3)
+
+    def branch_step(self, seed: int, epoch: int, index: int) -> int | None:
+        if self.branch_window is None:
+            return None
+        start, end = self.branch_window
+        return start + derived_seed(group_seed(seed, epoch, index // self.group_size), 5) % (end - start)
+
+    @property
+    def stored_steps(self) -> int | None:
+        return 1 if self.branch_window else None
+
+    def check_steps(self, num_steps: int) -> None:
+        if self.branch_window and self.branch_window[1] > num_steps:
+            raise ConfigError(
+                f"algorithm.branch_window={list(self.branch_window)} ends after the chain's "
+                f"sample.num_steps={num_steps} steps"
+            )
 
     def check_plan(self, samples_per_epoch: int) -> None:
         if samples_per_epoch % self.group_size:
@@ -62,7 +94,10 @@ class GRPO(Algorithm):
             )
 
     def describe(self, samples_per_epoch: int) -> str:
-        return f"{samples_per_epoch // self.group_size} prompts x {self.group_size} samples (GRPO groups)"
+        described = f"{samples_per_epoch // self.group_size} prompts x {self.group_size} samples (GRPO groups)"
+        if self.branch_window:
+            described += f", each group branching at one step of {list(self.branch_window)}"
+        return described
 
     def raw_advantages(self, rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
         rewards = np.asarray(rewards, dtype=np.float64)

@@ -74,14 +74,20 @@ class DDPOPipeline(ABC):
         self,
         conditioning: dict[str, torch.Tensor],
         generator: list[torch.Generator],
-        initial_generator: list[torch.Generator] | None = None,
+        shared_generator: list[torch.Generator] | None = None,
+        branch_steps: list[int] | None = None,
     ) -> Rollout:
         """Sample images and record every transition with its log probability (no gradients).
 
         ``generator`` holds one generator per sample: each sample's initial latent and step noise
-        come from its own generator, whatever batch it is drawn in. With ``initial_generator`` (one
-        per sample) the initial latents come from those instead and ``generator`` gives only the
-        step noise: samples can share their initial noise and still differ in every step.
+        come from its own generator, whatever batch it is drawn in.
+
+        ``shared_generator`` (one per sample; the samples of a group hold generators seeded alike):
+        the initial latents come from it and ``generator`` gives only the step noise, so a group
+        shares its initial noise and still differs in every step. With ``branch_steps`` as well (a
+        step index per sample, the same within a group), every step's noise except the branch
+        step's comes from ``shared_generator`` too: a group's chains agree up to their branch step
+        and part there, and only the branch step's transition is stored (``supports_branching``).
         """
 
     @abstractmethod
@@ -105,6 +111,9 @@ class DDPOPipeline(ABC):
     def max_num_steps(self) -> int | None:
         """The most denoising steps the scheduler can take (None: no limit)."""
         return None
+
+    # whether sample() takes branch_steps (an algorithm that branches chains refuses other pipelines)
+    supports_branching = False
 
     @property
     def stored_steps(self) -> int | None:

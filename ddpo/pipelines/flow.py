@@ -298,15 +298,19 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
         return uncond + self.guidance_scale * (cond - uncond)
 
     @torch.no_grad()
-    def sample(self, conditioning, generator, initial_generator=None) -> Rollout:
+    def sample(self, conditioning, generator, shared_generator=None, branch_steps=None) -> Rollout:
         conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
         batch = conditioning["prompt_embeds"].shape[0]
+        if branch_steps is not None:
+            raise ConfigError(
+                "pipeline=flow_sde does not branch chains (algorithm.branch_window); use pipeline.sde_window"
+            )
         evaluating = self._evaluating
         schedule = self._eval_schedule if evaluating else self._train_schedule
         start, end = (0, 0) if evaluating else self.window
         size = self.resolution // self.vae_scale_factor
         shape = (batch, self.transformer.config.in_channels, size, size)
-        latents = draw_noise(shape, initial_generator or generator, self.device, torch.float32)  # t = 1: pure noise
+        latents = draw_noise(shape, shared_generator or generator, self.device, torch.float32)  # t = 1: pure noise
         stored = {"latents": [], "next_latents": [], "log_probs": []}
         for i in range(schedule.num_steps):
             t, t_next = schedule.sigmas[i], schedule.sigmas[i + 1]

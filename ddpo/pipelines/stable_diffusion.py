@@ -112,6 +112,8 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
     def max_num_steps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
+    supports_branching = True
+
     @property
     def stored_steps(self) -> int | None:
         if self.window is None:
@@ -208,25 +210,45 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
         return uncond + guidance_scale * (cond - uncond)
 
     @torch.no_grad()
-    def sample(self, conditioning, generator, initial_generator=None) -> Rollout:
+    def sample(self, conditioning, generator, shared_generator=None, branch_steps=None) -> Rollout:
         conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
         batch = conditioning["prompt_embeds"].shape[0]
         self.scheduler.set_timesteps(self.num_steps, device=self.device)
         timesteps = self.scheduler.timesteps
         size = self.resolution // self.vae_scale_factor
         shape = (batch, self.unet.config.in_channels, size, size)
-        latents = draw_noise(shape, initial_generator or generator, self.device, torch.float32)
+        if branch_steps is not None and (shared_generator is None or self.window is not None):
+            raise ConfigError("branched chains need a shared generator per sample and no pipeline.train_window")
+        latents = draw_noise(shape, shared_generator or generator, self.device, torch.float32)
         latents = latents * self.scheduler.init_noise_sigma
         trajectory, log_probs = [latents], []
-        for t in timesteps:
+        for i, t in enumerate(timesteps):
             t_batch = t.expand(batch)
             output = self._guided_output(latents, t_batch, conditioning, self.guidance_scale, cfg=self.sample_cfg)
+            step_generator = generator
+            if branch_steps is not None:  # the group's shared noise, except at its branch step
+                step_generator = [
+                    own if i == k else shared for own, shared, k in zip(generator, shared_generator, branch_steps)
+                ]
             latents, log_prob = ddim_step_with_logprob(
-                self.scheduler, output, t_batch, latents, eta=self.eta, generator=generator
+                self.scheduler, output, t_batch, latents, eta=self.eta, generator=step_generator
             )
             trajectory.append(latents)
             log_probs.append(log_prob)
         chain = torch.stack(trajectory, dim=1)
+        if branch_steps is not None:  # one transition per sample: its branch step
+            rows = torch.arange(batch, device=chain.device)
+            index = torch.as_tensor(branch_steps, device=chain.device)
+            return Rollout(
+                conditioning=conditioning,
+                steps={
+                    "timesteps": timesteps[index].unsqueeze(1),
+                    "latents": chain[rows, index].unsqueeze(1),
+                    "next_latents": chain[rows, index + 1].unsqueeze(1),
+                    "log_probs": torch.stack(log_probs, dim=1)[rows, index].unsqueeze(1),
+                },
+                images=self.decode(latents),
+            )
         # every step samples with eta; with a train window only its transitions are kept for training
         start, end = self.window or (0, len(timesteps))
         return Rollout(

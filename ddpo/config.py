@@ -343,12 +343,11 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     stored_steps = pipeline.stored_steps
     if algorithm.stored_steps is not None:  # the algorithm decides the transitions (branched chains)
         if not pipeline.supports_branching:
+            raise ConfigError(f"{type(pipeline).__name__} cannot branch chains (algorithm.branch_window)")
+        if pipeline.stored_steps not in (None, run.sample.num_steps):
             raise ConfigError(
-                f"{type(pipeline).__name__} cannot branch chains (algorithm.branch_window); pipeline=ddim and sdxl can"
-            )
-        if getattr(pipeline, "window", None) is not None:
-            raise ConfigError(
-                "algorithm.branch_window and pipeline.train_window both choose the trained steps: set one"
+                "algorithm.branch_window and the pipeline's window (pipeline.train_window / sde_window) both "
+                "choose the trained steps: set one"
             )
         algorithm.check_steps(run.sample.num_steps)
         stored_steps = algorithm.stored_steps

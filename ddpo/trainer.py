@@ -192,14 +192,12 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
         indices = [first + i * s.batch_size + j for j in range(s.batch_size)]
         shared = [algorithm.shared_noise_seed(run.seed, epoch, index) for index in indices]
         branch = [algorithm.branch_step(run.seed, epoch, index) for index in indices]
-        batch = pipeline.sample(
-            pipeline.encode_prompts(prompts),
-            generator=generator,
-            shared_generator=None
-            if all(seed is None for seed in shared)
-            else [torch.Generator(device=accelerator.device).manual_seed(seed) for seed in shared],
-            branch_steps=None if all(k is None for k in branch) else branch,
-        )
+        noise = {}  # only what the algorithm asks for: a pipeline written for sample(conditioning, generator) still runs
+        if any(seed is not None for seed in shared):
+            noise["shared_generator"] = [torch.Generator(device=accelerator.device).manual_seed(x) for x in shared]
+        if any(k is not None for k in branch):
+            noise["branch_steps"] = branch
+        batch = pipeline.sample(pipeline.encode_prompts(prompts), generator=generator, **noise)
         futures.append(executor.submit(timed_call, comps.reward_fn, batch.images, prompts, metadata))
         batches.append(batch)
         prompts_all.extend(prompts)

@@ -11,6 +11,7 @@ from ddpo.trainer import sample_epoch
 from tests.conftest import TINY, compose, run_cli
 
 GRPO = ["algorithm=grpo", "algorithm.group_size=2", "sample.num_steps=4"]
+FLOW = ["model=tiny_flow", "pipeline=flow_sde", "pipeline.max_sequence_length=8"]
 
 
 def test_pipeline_branches_a_group_at_its_step(tmp_path):
@@ -40,6 +41,41 @@ def test_pipeline_branches_a_group_at_its_step(tmp_path):
     # the shared noise is not the own noise: without branching the same generators give other chains
     plain = pipeline.sample(cond, [torch.Generator().manual_seed(s) for s in (1, 2, 3, 4)])
     assert not torch.equal(plain.images[0], rollout.images[0])
+
+
+def test_flow_pipeline_branches_with_the_ode_elsewhere(tmp_path):
+    """TempFlow-GRPO's branching: the SDE at the branch step, the deterministic ODE at every other."""
+    from ddpo.schedulers.flow_sde import flow_ode_step
+
+    _, comps = build(compose([*TINY, *FLOW, "sample.num_steps=4"]), str(tmp_path))
+    pipeline = comps.pipeline
+    cond = pipeline.encode_prompts(["a cat"] * 4)
+    own = [torch.Generator().manual_seed(s) for s in (1, 2, 3, 4)]
+    shared = [torch.Generator().manual_seed(s) for s in (7, 7, 8, 8)]
+    rollout = pipeline.sample(cond, own, shared_generator=shared, branch_steps=[1, 1, 3, 3])
+    steps = rollout.steps
+    assert steps["step_index"][:, 0].tolist() == [1, 1, 3, 3] and rollout.log_probs.shape == (4, 1)
+    for a, b in ((0, 1), (2, 3)):
+        torch.testing.assert_close(steps["latents"][a], steps["latents"][b], rtol=0, atol=0)
+        assert not torch.equal(steps["next_latents"][a], steps["next_latents"][b])
+    # before its branch step the chain is the ODE from the shared initial noise
+    latents = torch.stack([torch.randn(16, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (7, 8)])
+    schedule = pipeline._train_schedule
+    with torch.no_grad():
+        two = {key: value[:2] for key, value in cond.items()}
+        velocity = pipeline._velocity(latents, schedule.timesteps[0].expand(2), two, cfg=True)
+        latents = flow_ode_step(velocity, latents, schedule.sigmas[0], schedule.sigmas[1])
+    torch.testing.assert_close(steps["latents"][0, 0], latents[0], rtol=0, atol=1e-5)
+    batch = rollout.transitions(torch.arange(4), torch.zeros(4, 1, dtype=torch.long))
+    with torch.no_grad():
+        log_prob, _, _ = pipeline.log_prob(batch)
+    torch.testing.assert_close(log_prob, batch["log_probs"], rtol=0, atol=1e-5)
+
+
+def test_flow_branched_run(tmp_path):
+    result = run_cli(tmp_path, [*TINY, *FLOW, *GRPO, "num_epochs=1", "algorithm.branch_window=[0,3]"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "each group branching at one step of [0, 3]" in (tmp_path / "train.log").read_text()
 
 
 def test_epoch_of_branched_groups(tmp_path):
@@ -78,12 +114,9 @@ def test_branched_run_trains_and_says_so(tmp_path):
         (["algorithm.branch_window=[2,1]"], ["algorithm.branch_window", "start < end"]),
         (["algorithm.branch_window=[0,5]"], ["algorithm.branch_window", "sample.num_steps=4"]),
         (["algorithm.branch_window=[0,2]", "pipeline.train_window=[0,2]"], ["branch_window", "train_window"]),
-        (
-            ["algorithm.branch_window=[0,2]", "model=tiny_flow", "pipeline=flow_sde", "pipeline.max_sequence_length=8"],
-            ["cannot branch", "pipeline=ddim"],
-        ),
+        ([*FLOW, "algorithm.branch_window=[0,2]", "pipeline.sde_window=[0,3]"], ["branch_window", "sde_window"]),
     ],
-    ids=["reversed", "past-the-chain", "with-train-window", "flow"],
+    ids=["reversed", "past-the-chain", "with-train-window", "with-sde-window"],
 )
 def test_bad_branching_is_one_line(tmp_path, overrides, words):
     with pytest.raises(ConfigError) as info:

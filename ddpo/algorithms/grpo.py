@@ -26,8 +26,9 @@ class GRPO(Algorithm):
         the window (uniformly, per group and epoch): its samples share the initial noise and every
         step's noise but that step's, so their chains agree up to it and part there, and the
         reward differences within the group come from that one step, the only one stored and
-        trained (branched rollouts: single-step credit as in TempFlow-GRPO, He et al. 2025).
-        Needs a pipeline that can branch (pipeline=ddim, sdxl).
+        trained (branched rollouts: single-step credit as in TempFlow-GRPO, He et al. 2025). DDIM
+        pipelines keep eta at the other steps, with the group's shared noise; pipeline=flow_sde
+        takes the SDE at the branch step only and the ODE elsewhere, as TempFlow-GRPO does.
     """
 
     def __init__(

@@ -220,6 +220,8 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
     def max_num_steps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
+    supports_branching = True
+
     @property
     def stored_steps(self) -> int:
         start, end = self.window
@@ -301,10 +303,8 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
     def sample(self, conditioning, generator, shared_generator=None, branch_steps=None) -> Rollout:
         conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
         batch = conditioning["prompt_embeds"].shape[0]
-        if branch_steps is not None:
-            raise ConfigError(
-                "pipeline=flow_sde does not branch chains (algorithm.branch_window); use pipeline.sde_window"
-            )
+        if branch_steps is not None and shared_generator is None:
+            raise ValueError("branched chains need a shared generator per sample")
         evaluating = self._evaluating
         schedule = self._eval_schedule if evaluating else self._train_schedule
         start, end = (0, 0) if evaluating else self.window
@@ -312,6 +312,8 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
         shape = (batch, self.transformer.config.in_channels, size, size)
         latents = draw_noise(shape, shared_generator or generator, self.device, torch.float32)  # t = 1: pure noise
         stored = {"latents": [], "next_latents": [], "log_probs": []}
+        if branch_steps is not None:  # TempFlow-GRPO's branching: the ODE everywhere but the branch step
+            return self._sample_branched(conditioning, latents, schedule, generator, branch_steps)
         for i in range(schedule.num_steps):
             t, t_next = schedule.sigmas[i], schedule.sigmas[i + 1]
             velocity = self._velocity(latents, schedule.timesteps[i].expand(batch), conditioning, self.sample_cfg)
@@ -334,6 +336,37 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
                 for key, values in stored.items()
             },
         }
+        return Rollout(conditioning=conditioning, steps=steps, images=self.decode(latents))
+
+    def _sample_branched(self, conditioning, latents, schedule, generator, branch_steps) -> Rollout:
+        """Each chain takes the SDE at its branch step and the deterministic ODE at every other, so
+        a group (same initial noise) agrees up to its branch step and parts there; that step's
+        transition is the only one stored."""
+        batch = latents.shape[0]
+        branch = torch.as_tensor(branch_steps, device=self.device)
+        stored = {"latents": [None] * batch, "next_latents": [None] * batch, "log_probs": [None] * batch}
+        for i in range(schedule.num_steps):
+            t, t_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+            velocity = self._velocity(latents, schedule.timesteps[i].expand(batch), conditioning, self.sample_cfg)
+            following = flow_ode_step(velocity, latents, t, t_next)
+            rows = (branch == i).nonzero().flatten().tolist()
+            if rows:
+                branched, log_prob, _, _ = flow_sde_step(
+                    velocity[rows],
+                    latents[rows],
+                    t,
+                    t_next,
+                    schedule.noise_scales[i],
+                    generator=[generator[j] for j in rows],
+                )
+                following[rows] = branched
+                for n, j in enumerate(rows):
+                    stored["latents"][j] = latents[j]
+                    stored["next_latents"][j] = branched[n]
+                    stored["log_probs"][j] = log_prob[n]
+            latents = following
+        steps = {"step_index": branch.unsqueeze(1).clone()}
+        steps.update({key: torch.stack(values).unsqueeze(1) for key, values in stored.items()})
         return Rollout(conditioning=conditioning, steps=steps, images=self.decode(latents))
 
     @torch.no_grad()

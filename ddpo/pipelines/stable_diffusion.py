@@ -217,8 +217,8 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
         timesteps = self.scheduler.timesteps
         size = self.resolution // self.vae_scale_factor
         shape = (batch, self.unet.config.in_channels, size, size)
-        if branch_steps is not None and (shared_generator is None or self.window is not None):
-            raise ConfigError("branched chains need a shared generator per sample and no pipeline.train_window")
+        if branch_steps is not None and shared_generator is None:
+            raise ValueError("branched chains need a shared generator per sample")
         latents = draw_noise(shape, shared_generator or generator, self.device, torch.float32)
         latents = latents * self.scheduler.init_noise_sigma
         trajectory, log_probs = [latents], []

@@ -141,8 +141,8 @@ def check_finite(node, prefix: str = "") -> None:
 def plan_batches(run: RunConfig, world_size: int = 1, stored_steps: int | None = None) -> BatchPlan:
     """Check the run's numbers and return its batch arithmetic; ConfigError names the bad key.
 
-    ``stored_steps``: the transitions a pipeline stores per sample when not one per step (a flow
-    pipeline's SDE window); ``train.timestep_fraction`` is a fraction of them.
+    ``stored_steps``: the transitions stored per sample when not one per step (a pipeline's train or
+    SDE window, or 1 for branched chains); ``train.timestep_fraction`` is a fraction of them.
     """
     check_finite(run)
     s, t = run.sample, run.train

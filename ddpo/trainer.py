@@ -186,10 +186,10 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
         dynamic_ncols=True,
     )
     for i in bar:
-        seeds = [algorithm.sample_seeds(run.seed, epoch, first + i * s.batch_size + j) for j in range(s.batch_size)]
+        indices = [first + i * s.batch_size + j for j in range(s.batch_size)]
+        seeds = [algorithm.sample_seeds(run.seed, epoch, index) for index in indices]
         prompts, metadata = map(list, zip(*(comps.prompt_fn(random.Random(prompt_seed)) for prompt_seed, _ in seeds)))
         generator = [torch.Generator(device=accelerator.device).manual_seed(noise_seed) for _, noise_seed in seeds]
-        indices = [first + i * s.batch_size + j for j in range(s.batch_size)]
         shared = [algorithm.shared_noise_seed(run.seed, epoch, index) for index in indices]
         branch = [algorithm.branch_step(run.seed, epoch, index) for index in indices]
         noise = {}  # only what the algorithm asks for: a pipeline written for sample(conditioning, generator) still runs

@@ -11,7 +11,31 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpo.errors import ConfigError
+
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # the trained tensors under their own names
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # mixed_precision -> frozen dtype
+
+
+def check_window(window, num_steps: int, key: str, null_means: str) -> tuple[int, int] | None:
+    """``window`` ([start, end) step indices, or None) as a tuple; a window outside the chain is one ConfigError."""
+    if window is None:
+        return None
+    window = tuple(int(i) for i in window)
+    if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
+        raise ConfigError(
+            f"{key} must be [start, end) with 0 <= start < end <= num_steps={num_steps} "
+            f"(got {list(window)}); null {null_means}"
+        )
+    return window
+
+
+def initial_generator(generator, shared_generator, branch_steps):
+    """The generators of the initial latents: the shared ones if given (a group's common noise),
+    else each sample's own; branched chains need the shared ones for every step but one."""
+    if branch_steps is not None and shared_generator is None:
+        raise ValueError("branched chains need a shared generator per sample")
+    return shared_generator or generator
 
 
 @dataclass
@@ -190,6 +214,20 @@ class DDPOPipeline(ABC):
 
         path = os.path.join(directory, TRAINED_WEIGHTS_FILE)
         self.load_trained_state_dict(load_file(path) if os.path.isfile(path) else self.read_export(directory))
+
+
+class LatentDenoiser:
+    """What the pipelines that run a VAE and a denoiser under mixed precision share; the pipeline
+    sets ``self.vae``, ``self.device`` and ``self.dtype``."""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
 
 class DenoiserReference:

@@ -28,7 +28,15 @@ import os
 import torch
 
 from ddpo.errors import ConfigError
-from ddpo.pipelines.base import DDPOPipeline, DenoiserReference, Rollout
+from ddpo.pipelines.base import (
+    DTYPES,
+    DDPOPipeline,
+    DenoiserReference,
+    LatentDenoiser,
+    Rollout,
+    check_window,
+    initial_generator,
+)
 from ddpo.schedulers.ddim import draw_noise
 from ddpo.schedulers.flow_sde import SIGMA_SCHEDULES, flow_noise_scale, flow_ode_step, flow_sde_step
 
@@ -44,7 +52,6 @@ LORA_TARGET_MODULES = [
     "attn.add_v_proj",
     "attn.to_add_out",
 ]
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class _Schedule:
@@ -61,7 +68,7 @@ class _Schedule:
         self.noise_scales = scales.to(device)
 
 
-class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
+class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
     """Wraps a diffusers ``StableDiffusion3Pipeline``; its Euler ODE steps become SDE steps with log probabilities.
 
     Frozen modules are cast to the mixed-precision dtype; trainable weights stay in float32 and the
@@ -114,7 +121,8 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
             raise ConfigError(f"the number of steps must be > 0 (got {num_steps} and eval_num_steps {eval_num_steps})")
         if not 0 < max_sequence_length <= 512:
             raise ConfigError(f"pipeline.max_sequence_length must be in 1..512 (got {max_sequence_length})")
-        self.window = self._check_window(sde_window, num_steps)
+        window = check_window(sde_window, num_steps, "pipeline.sde_window", "makes every step stochastic")
+        self.window = window or (0, num_steps)
         self.num_steps, self.eval_num_steps = num_steps, eval_num_steps
         self.noise_level, self.sigma_schedule = noise_level, sigma_schedule
         self.guidance_scale = guidance_scale
@@ -130,7 +138,7 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
         ]
         self.device = torch.device(device)
         self.use_lora = use_lora
-        self.dtype = _DTYPES[mixed_precision]
+        self.dtype = DTYPES[mixed_precision]
         if resolution is not None and (resolution <= 0 or resolution % (self.vae_scale_factor * self.patch_size)):
             raise ConfigError(
                 f"model.resolution must be a positive multiple of {self.vae_scale_factor * self.patch_size} "
@@ -179,18 +187,6 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
             else self._train_schedule
         )
 
-    @staticmethod
-    def _check_window(window, num_steps: int) -> tuple[int, int]:
-        if window is None:
-            return 0, num_steps
-        window = tuple(int(i) for i in window)
-        if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
-            raise ConfigError(
-                f"pipeline.sde_window must be [start, end) with 0 <= start < end <= num_steps={num_steps} "
-                f"(got {list(window)}); null makes every step stochastic"
-            )
-        return window
-
     def _dynamic_shift(self) -> float | None:
         """The resolution-dependent shift ``mu``, as diffusers' SD3 pipeline computes it, if the scheduler uses one."""
         config = self.scheduler.config
@@ -208,10 +204,6 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
         )
 
     # -- structure -------------------------------------------------------------------------
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     @property
     def patch_size(self) -> int:
         return self.transformer.config.patch_size
@@ -232,11 +224,6 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
 
     def use_wrapped(self, wrapped: torch.nn.Module) -> None:
         self._denoiser = torch.compile(wrapped) if self.compile_transformer else wrapped
-
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
     @contextlib.contextmanager
     def evaluation(self):
@@ -303,17 +290,18 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
     def sample(self, conditioning, generator, shared_generator=None, branch_steps=None) -> Rollout:
         conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
         batch = conditioning["prompt_embeds"].shape[0]
-        if branch_steps is not None and shared_generator is None:
-            raise ValueError("branched chains need a shared generator per sample")
         evaluating = self._evaluating
         schedule = self._eval_schedule if evaluating else self._train_schedule
         start, end = (0, 0) if evaluating else self.window
         size = self.resolution // self.vae_scale_factor
         shape = (batch, self.transformer.config.in_channels, size, size)
-        latents = draw_noise(shape, shared_generator or generator, self.device, torch.float32)  # t = 1: pure noise
-        stored = {"latents": [], "next_latents": [], "log_probs": []}
+        # t = 1: pure noise
+        latents = draw_noise(
+            shape, initial_generator(generator, shared_generator, branch_steps), self.device, torch.float32
+        )
         if branch_steps is not None:  # TempFlow-GRPO's branching: the ODE everywhere but the branch step
             return self._sample_branched(conditioning, latents, schedule, generator, branch_steps)
+        stored = {"latents": [], "next_latents": [], "log_probs": []}
         for i in range(schedule.num_steps):
             t, t_next = schedule.sigmas[i], schedule.sigmas[i + 1]
             velocity = self._velocity(latents, schedule.timesteps[i].expand(batch), conditioning, self.sample_cfg)
@@ -343,15 +331,15 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
         a group (same initial noise) agrees up to its branch step and parts there; that step's
         transition is the only one stored."""
         batch = latents.shape[0]
-        branch = torch.as_tensor(branch_steps, device=self.device)
-        stored = {"latents": [None] * batch, "next_latents": [None] * batch, "log_probs": [None] * batch}
+        before, after = torch.empty_like(latents), torch.empty_like(latents)  # each chain's branch transition
+        log_probs = torch.empty(batch, device=self.device)
         for i in range(schedule.num_steps):
             t, t_next = schedule.sigmas[i], schedule.sigmas[i + 1]
             velocity = self._velocity(latents, schedule.timesteps[i].expand(batch), conditioning, self.sample_cfg)
             following = flow_ode_step(velocity, latents, t, t_next)
-            rows = (branch == i).nonzero().flatten().tolist()
+            rows = [j for j, k in enumerate(branch_steps) if k == i]  # from the host list: no device sync
             if rows:
-                branched, log_prob, _, _ = flow_sde_step(
+                branched, log_probs[rows], _, _ = flow_sde_step(
                     velocity[rows],
                     latents[rows],
                     t,
@@ -359,14 +347,15 @@ class FlowMatchingDDPOPipeline(DenoiserReference, DDPOPipeline):
                     schedule.noise_scales[i],
                     generator=[generator[j] for j in rows],
                 )
+                before[rows], after[rows] = latents[rows], branched
                 following[rows] = branched
-                for n, j in enumerate(rows):
-                    stored["latents"][j] = latents[j]
-                    stored["next_latents"][j] = branched[n]
-                    stored["log_probs"][j] = log_prob[n]
             latents = following
-        steps = {"step_index": branch.unsqueeze(1).clone()}
-        steps.update({key: torch.stack(values).unsqueeze(1) for key, values in stored.items()})
+        steps = {
+            "step_index": torch.as_tensor(branch_steps, device=self.device).unsqueeze(1),
+            "latents": before.unsqueeze(1),
+            "next_latents": after.unsqueeze(1),
+            "log_probs": log_probs.unsqueeze(1),
+        }
         return Rollout(conditioning=conditioning, steps=steps, images=self.decode(latents))
 
     @torch.no_grad()

@@ -1,19 +1,25 @@
 """DDPO on Stable Diffusion 1.x / 2.x components from diffusers (epsilon or v-prediction)."""
 
-import contextlib
 import os
 
 import torch
 
 from ddpo.errors import ConfigError
-from ddpo.pipelines.base import DDPOPipeline, DenoiserReference, Rollout
+from ddpo.pipelines.base import (
+    DTYPES,
+    DDPOPipeline,
+    DenoiserReference,
+    LatentDenoiser,
+    Rollout,
+    check_window,
+    initial_generator,
+)
 from ddpo.schedulers.ddim import ddim_step_with_logprob, draw_noise
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
+class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
     """Wraps a diffusers ``StableDiffusionPipeline``; the scheduler is replaced by DDIM.
 
     Only the UNet is trained: its LoRA adapters (``use_lora``) or all of its weights. Frozen
@@ -50,7 +56,7 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
                 "log probability to optimise"
             )
         self.num_steps, self.eta, self.guidance_scale = num_steps, eta, guidance_scale
-        self.window = self._check_window(train_window, num_steps)
+        self.window = check_window(train_window, num_steps, "pipeline.train_window", "trains every step")
         # guided exactly when sampling is (a scale of 1 means no guidance, as in diffusers)
         self.sample_cfg = guidance_scale > 1.0
         self.train_cfg = train_cfg and self.sample_cfg
@@ -63,7 +69,7 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
         self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
         self.device = torch.device(device)
         self.use_lora = use_lora
-        self.dtype = _DTYPES[mixed_precision]
+        self.dtype = DTYPES[mixed_precision]
         if resolution is not None and (resolution <= 0 or resolution % self.vae_scale_factor):
             raise ConfigError(
                 f"model.resolution must be a positive multiple of the VAE's downsampling factor "
@@ -105,10 +111,6 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
 
     # -- structure -------------------------------------------------------------------------
     @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
     def max_num_steps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
@@ -120,18 +122,6 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
             return None
         start, end = self.window
         return end - start
-
-    @staticmethod
-    def _check_window(window, num_steps: int) -> tuple[int, int] | None:
-        if window is None:
-            return None
-        window = tuple(int(i) for i in window)
-        if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
-            raise ConfigError(
-                f"pipeline.train_window must be [start, end) with 0 <= start < end <= num_steps={num_steps} "
-                f"(got {list(window)}); null trains every step"
-            )
-        return window
 
     def trainable_module(self) -> torch.nn.Module:
         return self.unet
@@ -146,11 +136,6 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
         if attention not in processors:
             raise ValueError(f"pipeline.attention must be one of {sorted(processors)}, got {attention!r}")
         self.unet.set_attn_processor(processors[attention]())
-
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
     # -- conditioning ------------------------------------------------------------------------
     @torch.no_grad()
@@ -217,9 +202,9 @@ class StableDiffusionDDPOPipeline(DenoiserReference, DDPOPipeline):
         timesteps = self.scheduler.timesteps
         size = self.resolution // self.vae_scale_factor
         shape = (batch, self.unet.config.in_channels, size, size)
-        if branch_steps is not None and shared_generator is None:
-            raise ValueError("branched chains need a shared generator per sample")
-        latents = draw_noise(shape, shared_generator or generator, self.device, torch.float32)
+        latents = draw_noise(
+            shape, initial_generator(generator, shared_generator, branch_steps), self.device, torch.float32
+        )
         latents = latents * self.scheduler.init_noise_sigma
         trajectory, log_probs = [latents], []
         for i, t in enumerate(timesteps):

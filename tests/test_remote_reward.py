@@ -25,13 +25,13 @@ SERVER = ROOT / "scripts" / "reward_server.py"
 ONE_EPOCH = [*TINY, "num_epochs=1"]
 
 
-def start_server(log_file: Path, *args: str, port: int = 0) -> tuple[subprocess.Popen, str]:
-    """Start scripts/reward_server.py; return the process and the URL it prints when ready."""
+def start_server(log_file: Path, *args: str, port: int = 0, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start scripts/reward_server.py (``env``: extra environment); return the process and the URL it prints."""
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, str(SERVER), *args, "--port", str(port)],
             cwd=ROOT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -55,6 +55,17 @@ def stop_server(process: subprocess.Popen) -> int:
         return process.wait(timeout=30)
     finally:
         process.kill()
+
+
+def wait_for_log(log: Path, done, timeout: float = 30.0) -> list[str]:
+    """The log's lines once ``done(lines)`` holds, or when ``timeout`` passes: the server writes a
+    request's line after answering it, so a test that reads the log at once may be too early."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = log.read_text().splitlines()
+        if done(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 def closed_port() -> int:
@@ -96,6 +107,7 @@ def test_remote_rewards_equal_the_local_reward_on_the_same_images(jpeg_server, e
     batch = images(5)
     prompts = [f"prompt {i}" for i in range(5)]
     metadata = [{"class": "cat", "pair": (1, 2), "score": float("nan")}] * 5  # tuples and NaN travel as JSON
+    logged_before = len(log.read_text().splitlines())
     remote = RemoteReward(url, batch_size=2, image_encoding=encoding)  # 3 requests: 2 + 2 + 1 images
     assert remote.server["reward"] == "jpeg_compressibility"
     rewards, info = remote(batch, prompts, metadata)
@@ -104,9 +116,14 @@ def test_remote_rewards_equal_the_local_reward_on_the_same_images(jpeg_server, e
     assert torch.equal(rewards, expected)  # the same 8-bit pixels: the same JPEG bytes
     assert torch.equal(info["jpeg_kb"], expected_info["jpeg_kb"])
     assert len(set(rewards.tolist())) > 1
-    lines = log.read_text().splitlines()
-    assert sum("POST /score 200 2 image(s)" in line for line in lines) >= 2
-    assert any("POST /score 200 1 image(s)" in line for line in lines)
+
+    def logged(lines):  # this test's 3 requests, whenever the server writes their lines
+        ours = lines[logged_before:]
+        return sum("POST /score 200 2 image(s)" in line for line in ours) >= 2 and any(
+            "POST /score 200 1 image(s)" in line for line in ours
+        )
+
+    assert logged(wait_for_log(log, logged)), log.read_text()[-2000:]
 
 
 def test_a_run_with_the_remote_reward_equals_the_local_run(jpeg_server, tmp_path):

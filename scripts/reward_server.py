@@ -300,6 +300,8 @@ class RewardService:
         except Refused as refused:
             status, payload, extra = refused.status, {"error": refused.message}, refused.headers
             close = close or refused.close
+        except Exception as exc:  # noqa: BLE001 (a fault of this server's: one line, and it goes on)
+            status, payload, close = 500, {"error": f"server error: {type(exc).__name__}: {exc}"}, True
         delivered = await self.send(writer, client, method, path, status, payload, started, close, images, extra)
         return delivered and not close
 

@@ -13,17 +13,42 @@ scripts/sample.py samples: DDIM, or for a flow-matching run (pipeline=flow_sde) 
 StableDiffusion3Pipeline with the ODE and pipeline.eval_num_steps; --no-sample reuses the run's last
 logged image grid instead). --push creates the Hub repository and uploads the folder (log in first with
 `hf auth login`, or set HF_TOKEN).
+
+Only files this script knows are exported: the weights files the run's export writes (LoRA:
+pytorch_lora_weights.safetensors; full fine-tuning: the model folder's config.json and its
+diffusion_pytorch_model*.safetensors, with their index), each a real safetensors or JSON file of the
+run directory (a symbolic link that leads out of it is refused), then the card and the plots it writes
+itself. --push uploads exactly those files, and lists them (path and size) before it does.
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sample import (  # noqa: E402  (scripts/sample.py: this project's loaders, and how it samples and checks)
+    FLOW_PIPELINE,
+    OneLineParser,
+    apply_trained,
+    check_device,
+    check_seeds,
+    first_line,
+    is_flow,
+    load_base,
+    sample_rows,
+)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights reads
+# full fine-tuning: the folder the pipelines' export writes (save_pretrained), and the files in it that are exported
+MODEL_FOLDERS = ("unet", "transformer")
+MODEL_FILES = re.compile(
+    r"config\.json|diffusion_pytorch_model[\w.-]*\.safetensors|diffusion_pytorch_model\.safetensors\.index[\w.]*\.json"
+)
+MAX_HEADER = 100 * 2**20  # a safetensors header (JSON) larger than this is not one save_pretrained wrote
 DEFAULT_PROMPTS = ["a cat", "a dog", "a horse"]
 DDIM_PIPELINES = ("ddim", "sdxl")  # conf/pipeline options that sample with DDIM (as scripts/sample.py does)
 FLOW_PIPELINES = ("flow_sde",)  # the flow-matching family: diffusers' StableDiffusion3Pipeline, sampled with the ODE
@@ -74,12 +99,13 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def pipeline_family(cfg, choices: dict) -> str:
     """The run's sampling family: flow (pipeline=flow_sde, a SD3 transformer), ddim (ddim, sdxl) or other."""
     from omegaconf import OmegaConf
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from sample import FLOW_PIPELINE  # scripts/sample.py: how it tells a flow run
 
     choice = choices.get("pipeline")
     if choice in FLOW_PIPELINES or OmegaConf.select(cfg, "pipeline._target_", default=None) == FLOW_PIPELINE:
@@ -154,17 +180,81 @@ def locate(path: str, checkpoint: str | None) -> Source:
     return Source(path, final, None)
 
 
-def weight_entries(weights_dir: str) -> tuple[str, list[str]]:
-    """("lora" or "full", the files and folders to copy) of a final/ or checkpoint directory."""
-    if os.path.isfile(os.path.join(weights_dir, LORA_FILE)):
-        return "lora", [LORA_FILE]
-    # full fine-tuning: the trained model's diffusers folder (unet/, or transformer/ for other families)
-    folders = sorted(
-        name for name in os.listdir(weights_dir) if os.path.isfile(os.path.join(weights_dir, name, "config.json"))
-    )
-    if not folders:
-        fail(f"no trained weights in {weights_dir} ({LORA_FILE} or a model folder such as unet/)")
-    return "full", folders
+def inside(path: str, root: str) -> bool:
+    """Whether ``path``, every symbolic link followed, lies in ``root``."""
+    real, root = os.path.realpath(path), os.path.realpath(root)
+    return real == root or real.startswith(root + os.sep)
+
+
+def is_safetensors(path: str) -> bool:
+    """Whether the file is a safetensors file: an 8-byte header length, then that many bytes of a JSON object."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if not 2 <= length <= min(size - 8, MAX_HEADER):
+            return False
+        try:
+            return isinstance(json.loads(handle.read(length)), dict)
+        except ValueError:
+            return False
+
+
+def is_json_object(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return isinstance(json.load(handle), dict)
+    except ValueError:
+        return False
+
+
+def weight_files(source: Source) -> tuple[str, list[str], list[str]]:
+    """("lora" or "full", the model folders, the files to copy relative to the weights directory).
+
+    Only what the run's export writes (an allow-list: nothing else in final/ or a checkpoint is
+    copied), each a regular file of the run directory whose content is what its name says.
+    """
+    weights, run = source.weights_dir, source.run_dir
+
+    def refuse_outside(path: str) -> None:
+        if not inside(path, run):
+            fail(
+                f"{path} leads to {os.path.realpath(path)}, outside the run directory {run}: export copies "
+                "only the run's own files (copy the weights into the run instead of linking them)"
+            )
+
+    refuse_outside(weights)
+    if os.path.isfile(os.path.join(weights, LORA_FILE)):
+        kind, folders, files = "lora", [], [LORA_FILE]
+    else:
+        # full fine-tuning: the trained model's diffusers folder (unet/, or transformer/ for the flow family)
+        folders = [name for name in MODEL_FOLDERS if os.path.isfile(os.path.join(weights, name, "config.json"))]
+        if not folders:
+            fail(f"no trained weights in {weights} ({LORA_FILE} or a model folder: {', '.join(MODEL_FOLDERS)})")
+        kind, files, skipped = "full", [], []
+        for folder in folders:
+            refuse_outside(os.path.join(weights, folder))
+            for name in sorted(os.listdir(os.path.join(weights, folder))):
+                (files if MODEL_FILES.fullmatch(name) else skipped).append(f"{folder}/{name}")
+        if skipped:
+            warn(
+                f"not exported (not a weights file of the run): {', '.join(os.path.join(weights, s) for s in skipped)}"
+            )
+    for rel in files:
+        path = os.path.join(weights, rel)
+        refuse_outside(path)
+        if not os.path.isfile(path):
+            fail(f"{path} is not a file")
+        what = "safetensors" if rel.endswith(".safetensors") else "JSON"
+        try:
+            valid = is_safetensors(path) if what == "safetensors" else is_json_object(path)
+        except OSError as exc:
+            fail(f"cannot read {path} ({first_line(exc)})")
+        if not valid:
+            fail(f"{path} is not a {what} file: the weights are damaged (export a checkpoint instead)")
+    for folder in folders:
+        if not any(rel.startswith(f"{folder}/") and rel.endswith(".safetensors") for rel in files):
+            fail(f"{os.path.join(weights, folder)} holds no weights (diffusion_pytorch_model*.safetensors)")
+    return kind, folders, files
 
 
 def read_run(source: Source):
@@ -239,17 +329,11 @@ def sample_grid(source: Source, cfg, prompts: list[str], seeds: list[int], devic
     """
     from diffusers import DDIMScheduler
 
-    from ddpo.errors import DDPOError
     from ddpo.logging import image_grid
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from sample import apply_trained, is_flow, load_base, sample_rows  # scripts/sample.py: this project's loaders
 
     try:
         pipe, _ = load_base(source.run_dir, model_path)
-    except DDPOError as exc:
-        fail(f"cannot build the base model to sample from ({exc}); --no-sample skips the samples")
-    except SystemExit as stop:  # scripts/sample.py's one-line refusal (a model loader it does not know)
+    except SystemExit as stop:  # scripts/sample.py's one-line refusal (the config, the loader, the model)
         fail(f"{str(stop.code).removeprefix('error: ')}; or --no-sample to skip the samples")
     if not is_flow(cfg):  # DDPO's sampler; a flow model keeps its FlowMatchEulerDiscreteScheduler
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -272,12 +356,21 @@ def logged_grid(run_dir: str):
 
     folder = os.path.join(run_dir, "images")
     steps = []
-    if os.path.isdir(folder):
+    if os.path.isdir(folder) and inside(folder, run_dir):
         for name in os.listdir(folder):
             match = re.fullmatch(r"step_(\d+)\.png", name)
-            if match:
+            path = os.path.join(folder, name)
+            if match and os.path.isfile(path) and inside(path, run_dir):  # never a link out of the run
                 steps.append((int(match.group(1)), name))
-    return Image.open(os.path.join(folder, max(steps)[1])) if steps else None
+    if not steps:
+        return None
+    path = os.path.join(folder, max(steps)[1])
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decoded here: the card gets pixels, not the file
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        warn(f"the card has no samples: {path} is not an image PIL reads ({first_line(exc)})")
+        return None
 
 
 # -- the card -----------------------------------------------------------------------------------
@@ -499,10 +592,7 @@ def card_samples(args, source: Source, cfg, prompts: list[str], pipeline: str, f
     if args.no_sample or family == "other":
         grid = logged_grid(source.run_dir)
         return grid, "The last sample batch the run logged (`prompt | reward`)."
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    grid = sample_grid(source, cfg, prompts, args.seeds, device, args.model_path)
+    grid = sample_grid(source, cfg, prompts, args.seeds, args.device, args.model_path)
     sampler = (
         f" Sampled as the run evaluates: the ODE with {cfg.pipeline.eval_num_steps} steps." if family == "flow" else ""
     )
@@ -517,13 +607,69 @@ def default_out(source: Source) -> str:
     return os.path.join(source.run_dir, "export" if source.epochs is None else f"export_{source.label}")
 
 
-def push(folder: str, repo_id: str, private: bool, message: str) -> str:
+def check_out(out: str, source: Source, overwrite: bool) -> str:
+    """The folder to write, refused in one line before anything is built: a file, a link, a folder
+    that holds the run (``--overwrite`` would delete it), a folder that is not empty without ``--overwrite``."""
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.islink(out):
+        fail(f"--out {out} is a symbolic link (to {os.path.realpath(out)}): give the folder itself")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        fail(f"{out} is a file, not a folder: give another --out")
+    if inside(source.run_dir, out):
+        fail(f"--out {out} holds the run directory {source.run_dir}: give a folder of its own")
+    if inside(out, source.weights_dir):
+        fail(f"--out {out} is inside the weights it exports ({source.weights_dir}): give another --out")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        fail(f"{out} exists and is not empty: give another --out, or --overwrite to replace it")
+    parent = os.path.dirname(out)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        fail(f"--out {out}: {parent} is not writable")
+    partial = out + ".partial"
+    if os.path.lexists(partial) and (os.path.islink(partial) or not os.path.isdir(partial)):
+        fail(f"{partial} is in the way (this script writes the folder there first): move it, or give another --out")
+    return out
+
+
+def size_text(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+
+
+def upload_list(folder: str, files: list[str]) -> list[tuple[str, int]]:
+    """(path, size) of each file the export wrote, each still a regular file of ``folder``; nothing else."""
+    listed = []
+    for rel in files:
+        path = os.path.join(folder, rel)
+        if os.path.islink(path) or not os.path.isfile(path) or not inside(path, folder):
+            fail(f"{path} changed after it was exported (it is not the file export wrote): export again")
+        listed.append((rel, os.path.getsize(path)))
+    return listed
+
+
+def push(folder: str, repo_id: str, private: bool, message: str, files: list[str]) -> str:
+    """Upload exactly ``files`` of ``folder`` (those the export wrote), listed first."""
     from huggingface_hub import HfApi
 
+    listed = upload_list(folder, files)
+    print(f"uploading {len(listed)} files ({size_text(sum(s for _, s in listed))}) to {repo_id}:")
+    for rel, size in listed:
+        print(f"  {rel}  {size_text(size)}")
     api = HfApi()
     try:
         url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder, commit_message=message)
+        api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=folder,
+            commit_message=message,
+            allow_patterns=[rel for rel, _ in listed],  # the exported files, by their exact names
+        )
     except Exception as exc:
         detail = (str(exc).strip().splitlines() or [""])[0]
         fail(
@@ -534,7 +680,7 @@ def push(folder: str, repo_id: str, private: bool, message: str) -> str:
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "run_dir", help="a finished run's directory, or one of its checkpoints/checkpoint_* directories"
     )
@@ -556,33 +702,40 @@ def main(argv=None) -> str:
     if args.push and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push):
         fail(f"--push {args.push}: a Hub repository id is owner/name")
 
+    check_seeds(args.seeds)
     source = locate(args.run_dir, args.checkpoint)
-    kind, entries = weight_entries(source.weights_dir)
+    kind, folders, files = weight_files(source)
     cfg, choices, overrides, records = read_run(source)
-    out = os.path.abspath(args.out or default_out(source))
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        fail(f"{out} exists and is not empty: give another --out, or --overwrite to replace it")
+    out = check_out(args.out or default_out(source), source, args.overwrite)
+    pipeline = choices.get("pipeline", "ddim")
+    family = pipeline_family(cfg, choices)
+    if not args.no_sample and family != "other":  # sampling: the device before any model is built
+        import torch
+
+        args.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     from ddpo.logging import plot_reward_curve
 
     tmp = out + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)  # a folder an interrupted export left
+    written = []  # the folder's files, each written here: the only ones --push uploads
     try:
-        for entry in entries:
-            src = os.path.join(source.weights_dir, entry)
-            (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, entry))
+        os.makedirs(tmp)
+        for rel in files:  # the allow-listed weights, read through their checked real paths
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            shutil.copyfile(os.path.realpath(os.path.join(source.weights_dir, rel)), os.path.join(tmp, rel))
+            written.append(rel)
         plot_reward_curve(records, os.path.join(tmp, "reward_curve.png"), title=os.path.basename(source.run_dir))
+        written.append("reward_curve.png")
 
         prompts = args.prompts or run_prompts(cfg, 3)
-        pipeline = choices.get("pipeline", "ddim")
-        family = pipeline_family(cfg, choices)
         grid, caption = card_samples(args, source, cfg, prompts, pipeline, family)
         if grid is not None:
             grid.save(os.path.join(tmp, "samples.png"))
+            written.append("samples.png")
         values = plain(cfg)
         repo = args.push or os.path.basename(out)  # a Hub id, or this folder's path from its parent
-        usage = usage_code(values, kind, entries, source.weights_dir, repo, prompts[0], family)
+        usage = usage_code(values, kind, folders, source.weights_dir, repo, prompts[0], family)
         write_card(
             os.path.join(tmp, "README.md"),
             source,
@@ -591,19 +744,24 @@ def main(argv=None) -> str:
             overrides,
             records,
             kind=kind,
-            folders=entries,
+            folders=folders,
             family=family,
             usage=usage,
             samples_caption=caption if grid is not None else None,
         )
+        written.append("README.md")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except OSError as exc:  # a full disk, a folder it may not write: one line, and no half-written folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"cannot export to {out} ({first_line(exc)})")
     except BaseException:  # an error or Ctrl-C leaves no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
     print(f"exported {kind} weights ({source.label}, {len(records)} epochs) -> {out}")
     if args.push:
-        url = push(out, args.push, args.private, f"Upload {os.path.basename(source.run_dir)} ({source.label})")
+        message = f"Upload {os.path.basename(source.run_dir)} ({source.label})"
+        url = push(out, args.push, args.private, message, written)
         print(f"pushed to {url}")
     return out
 

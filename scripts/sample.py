@@ -9,6 +9,8 @@ a checkpoint when its directory (<run>/checkpoints/checkpoint_<epoch>) is given 
 Rows are prompts (base, then trained, with --baseline), columns are seeds. A flow-matching run
 (pipeline=flow_sde) is sampled as it is evaluated: diffusers' StableDiffusion3Pipeline, the Euler ODE
 with the run's pipeline.eval_num_steps.
+Everything it is given (seeds, device, --out, the run's config) is checked before a model is built:
+a mistake ends in one line (``error: ...``, exit status 1).
 """
 
 import argparse
@@ -32,16 +34,151 @@ KNOWN_LOADERS = {
     "ddpo.models.tiny_shapes_flow_model": ("path", "resolution"),
 }
 FLOW_PIPELINE = "ddpo.pipelines.FlowMatchingDDPOPipeline"  # runs are sampled with diffusers' SD3 pipeline (ODE)
+SEED_LIMIT = 2**63  # seeds are 63-bit, as the run's own (ddpo/seeds.py); torch.Generator takes them all
+# the largest image side sampled here: 4x SDXL's 1024; model.resolution=100000 would ask for a 10 GB latent
+# (and a 120 GB image) before the model could refuse it
+MAX_RESOLUTION = 4096
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # what the grid is written as (PIL, by the extension)
+# the sampler's settings in the run's config: DDIM as the run samples, the ODE as a flow run evaluates
+DDIM_SAMPLER = {
+    "num_inference_steps": "sample.num_steps",
+    "guidance_scale": "sample.guidance_scale",
+    "eta": "sample.eta",
+}
+FLOW_SAMPLER = {
+    "num_inference_steps": "pipeline.eval_num_steps",
+    "guidance_scale": "pipeline.guidance_scale",
+    "max_sequence_length": "pipeline.max_sequence_length",
+}
+COUNTS = ("num_inference_steps", "max_sequence_length")  # the sampler settings that are positive integers
 
 
 def is_flow(cfg) -> bool:
-    return cfg.get("pipeline", {}).get("_target_") == FLOW_PIPELINE
+    pipeline = cfg.get("pipeline")
+    return hasattr(pipeline, "get") and pipeline.get("_target_") == FLOW_PIPELINE
 
 
 def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes (a bad value, an unknown option) end in one ``error:`` line, exit status 1."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+# -- what is checked before a model is built ------------------------------------------------------------
+def check_seeds(seeds: list[int], option: str = "--seeds") -> list[int]:
+    for seed in seeds:
+        if not 0 <= seed < SEED_LIMIT:
+            fail(f"{option} {seed}: a seed is an integer in [0, 2**63)")
+    return seeds
+
+
+def check_device(name: str, option: str = "--device") -> str:
+    """A device this script can sample on and this machine has: cpu, cuda[:N] or mps."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        fail(f"{option} {name}: not a device (cpu, cuda, cuda:N or mps)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"{option} {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            fail(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            fail(f"{option} {name}: MPS is not available on this machine (use --device cpu)")
+    elif device.type != "cpu":
+        fail(f"{option} {name}: this script samples on cpu, cuda, cuda:N or mps")
+    return name
+
+
+def check_image_out(path: str, option: str = "--out") -> str:
+    """A path the grid can be written to: an image extension, in a folder that exists, not a folder itself."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        fail(f"{option} {path} is a directory: give the image file to write (e.g. {os.path.join(path, 'samples.png')})")
+    if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+        fail(f"{option} {path}: the grid is written as an image; end the name in {', '.join(IMAGE_EXTENSIONS)}")
+    if not os.path.isdir(os.path.dirname(path)):
+        fail(f"{option} {path}: no such directory {os.path.dirname(path)}")
+    if not os.access(os.path.dirname(path), os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        fail(f"{option} {path}: not writable")
+    return path
+
+
+def read_config(run_dir: str):
+    """The run's composed config (<run>/.hydra/config.yaml), or one line saying why it cannot be read."""
+    from omegaconf import DictConfig, OmegaConf
+
+    config_file = os.path.join(run_dir, ".hydra", "config.yaml")
+    if not os.path.isfile(config_file):
+        fail(f"{config_file} not found: {run_dir} is not a run directory of train.py")
+    try:
+        cfg = OmegaConf.load(config_file)
+    except Exception as exc:  # YAML, encoding or file errors: all mean "cannot read this config"
+        fail(f"cannot read {config_file} ({first_line(exc)})")
+    if not isinstance(cfg, DictConfig) or not isinstance(cfg.get("model"), DictConfig):
+        fail(f"cannot read {config_file} (no model: section)")
+    return cfg
+
+
+def check_resolution(cfg, config_file: str) -> int:
+    """``model.resolution``, an integer in (0, MAX_RESOLUTION]; its divisibility is the model's to check."""
+    try:
+        resolution = cfg.model.get("resolution")
+    except Exception as exc:  # an interpolation that does not resolve
+        fail(f"{config_file}: model.resolution cannot be read ({first_line(exc)})")
+    if isinstance(resolution, bool) or not isinstance(resolution, int):
+        fail(f"{config_file}: model.resolution must be an integer, the image side in pixels (got {resolution!r})")
+    if not 0 < resolution <= MAX_RESOLUTION:
+        fail(f"{config_file}: model.resolution={resolution} is outside (0, {MAX_RESOLUTION}] pixels")
+    return resolution
+
+
+def sampler_settings(cfg, config_file: str = "the run's config") -> dict:
+    """The pipeline call's sampler settings from the run's config (DDIM, or the flow run's ODE)."""
+    from omegaconf import OmegaConf
+
+    settings = {}
+    for name, key in (FLOW_SAMPLER if is_flow(cfg) else DDIM_SAMPLER).items():
+        try:
+            value = OmegaConf.select(cfg, key, default=None)
+        except Exception as exc:
+            fail(f"{config_file}: {key} cannot be read ({first_line(exc)})")
+        if name in COUNTS:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                fail(f"{config_file}: {key} must be a positive integer (got {value!r})")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"{config_file}: {key} must be a number (got {value!r})")
+        settings[name] = value
+    return settings
+
+
+def check_fits(pipe, cfg, config_file: str) -> None:
+    """What only the loaded model can say: the image side its VAE (and patches) divide, and its timesteps."""
+    resolution = cfg.model.resolution
+    factor = getattr(pipe, "vae_scale_factor", 1) * (getattr(pipe, "patch_size", None) or 1)
+    if resolution % factor:
+        fail(f"{config_file}: model.resolution={resolution} must be a multiple of {factor} for this model")
+    steps = sampler_settings(cfg, config_file)["num_inference_steps"]
+    timesteps = pipe.scheduler.config.get("num_train_timesteps")
+    if not is_flow(cfg) and timesteps is not None and steps > timesteps:
+        fail(f"{config_file}: sample.num_steps={steps} exceeds the scheduler's {timesteps} training timesteps")
+
+
+# -- the run, the models -------------------------------------------------------------------------------
 def locate(path: str) -> tuple[str, str]:
     """(run directory, directory of the trained weights) from a run or a checkpoint directory."""
     from ddpo.trainer import STATE_FILE
@@ -54,70 +191,89 @@ def locate(path: str) -> tuple[str, str]:
     return path, os.path.join(path, "final")
 
 
-def load_base(run_dir: str, model_path: str | None):
-    from omegaconf import OmegaConf
+def trained_kind(weights_dir: str) -> str:
+    """What ``apply_trained`` will load from ``weights_dir``, or one line if it holds no trained weights."""
+    if os.path.isfile(os.path.join(weights_dir, "pytorch_lora_weights.safetensors")):
+        return "LoRA"
+    if os.path.isdir(os.path.join(weights_dir, "transformer")):
+        return "full transformer"
+    if os.path.isdir(os.path.join(weights_dir, "unet")):
+        return "full UNet"
+    fail(f"no trained weights in {weights_dir} (has the run finished? a checkpoint directory works too)")
 
+
+def plan_base(run_dir: str, model_path: str | None):
+    """(the run's config, a function that builds its base model): all checked, nothing built yet."""
     from ddpo import models
+    from ddpo.errors import DDPOError
 
+    cfg = read_config(run_dir)
     config_file = os.path.join(run_dir, ".hydra", "config.yaml")
-    if not os.path.isfile(config_file):
-        fail(f"{config_file} not found: {run_dir} is not a run directory of train.py")
-    try:
-        cfg = OmegaConf.load(config_file)
-        model = OmegaConf.to_container(cfg.model, resolve=False)
-    except Exception as exc:
-        fail(f"cannot read {config_file} ({type(exc).__name__}: {exc})")
     if model_path:
         loader = models.load_stable_diffusion_3 if is_flow(cfg) else models.load_stable_diffusion
-        return loader(model_path), cfg
-    target = model.get("_target_")
-    if target not in KNOWN_LOADERS:
-        fail(
-            f"{config_file}: model._target_={target!r} is not one of this project's model loaders "
-            f"({', '.join(KNOWN_LOADERS)}); give the base model with --model-path"
-        )
-    kwargs = {key: model[key] for key in KNOWN_LOADERS[target] if key in model}
-    bad = [key for key, value in kwargs.items() if not isinstance(value, (str, int, float, type(None)))]
-    if bad:
-        fail(f"{config_file}: model.{bad[0]} must be a plain value; give the base model with --model-path")
-    return getattr(models, target.rsplit(".", 1)[1])(**kwargs), cfg
+        target, kwargs = loader.__name__, {"path": model_path}
+    else:
+        from omegaconf import OmegaConf
+
+        model = OmegaConf.to_container(cfg.model, resolve=False)
+        target = model.get("_target_")
+        if target not in KNOWN_LOADERS:
+            fail(
+                f"{config_file}: model._target_={target!r} is not one of this project's model loaders "
+                f"({', '.join(KNOWN_LOADERS)}); give the base model with --model-path"
+            )
+        kwargs = {key: model[key] for key in KNOWN_LOADERS[target] if key in model}
+        bad = [key for key, value in kwargs.items() if not isinstance(value, (str, int, float, type(None)))]
+        if bad:
+            fail(f"{config_file}: model.{bad[0]} must be a plain value; give the base model with --model-path")
+        loader = getattr(models, target.rsplit(".", 1)[1])
+    check_resolution(cfg, config_file)
+    sampler_settings(cfg, config_file)
+
+    def build():
+        try:
+            pipe = loader(**kwargs)
+        except DDPOError as exc:  # the loader's own one-line refusal (no such model, not a model, a bad setting)
+            fail(str(exc))
+        except (TypeError, ValueError, OSError) as exc:  # settings of the right kind that it cannot take
+            fail(f"{config_file}: {target} cannot build the model from {kwargs} ({first_line(exc)})")
+        check_fits(pipe, cfg, config_file)
+        return pipe
+
+    return cfg, build
+
+
+def load_base(run_dir: str, model_path: str | None):
+    """(the run's base model, its config): the config checked first, the loader's refusal one line."""
+    cfg, build = plan_base(run_dir, model_path)
+    return build(), cfg
 
 
 def apply_trained(pipe, weights_dir: str) -> str:
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
-    if os.path.isfile(os.path.join(weights_dir, "pytorch_lora_weights.safetensors")):
-        pipe.load_lora_weights(weights_dir)
-        return "LoRA"
-    if os.path.isdir(os.path.join(weights_dir, "transformer")):
-        pipe.transformer = SD3Transformer2DModel.from_pretrained(os.path.join(weights_dir, "transformer"))
-        return "full transformer"
-    if os.path.isdir(os.path.join(weights_dir, "unet")):
-        pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(weights_dir, "unet"))
-        return "full UNet"
-    fail(f"no trained weights in {weights_dir} (has the run finished? a checkpoint directory works too)")
+    kind = trained_kind(weights_dir)
+    try:
+        if kind == "LoRA":
+            pipe.load_lora_weights(weights_dir)
+        elif kind == "full transformer":
+            pipe.transformer = SD3Transformer2DModel.from_pretrained(os.path.join(weights_dir, "transformer"))
+        else:
+            pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(weights_dir, "unet"))
+    except Exception as exc:  # diffusers/peft/safetensors raise many types; all mean "cannot load these weights"
+        fail(f"cannot load the trained weights ({kind}) of {weights_dir} into the base model ({first_line(exc)})")
+    return kind
 
 
 def sample_rows(pipe, prompts, seeds, cfg, device):
     import torch
 
+    sampler = sampler_settings(cfg)  # the flow pipeline's evaluation sampler: the ODE with eval_num_steps
     rows = []
     for prompt in prompts:
         row = []
         for seed in seeds:
             generator = torch.Generator(device=device).manual_seed(seed)
-            if is_flow(cfg):  # the flow pipeline's evaluation sampler: the ODE with eval_num_steps
-                sampler = {
-                    "num_inference_steps": cfg.pipeline.eval_num_steps,
-                    "guidance_scale": cfg.pipeline.guidance_scale,
-                    "max_sequence_length": cfg.pipeline.max_sequence_length,
-                }
-            else:
-                sampler = {
-                    "num_inference_steps": cfg.sample.num_steps,
-                    "guidance_scale": cfg.sample.guidance_scale,
-                    "eta": cfg.sample.eta,
-                }
             out = pipe(
                 prompt,
                 height=cfg.model.resolution,
@@ -132,39 +288,46 @@ def sample_rows(pipe, prompts, seeds, cfg, device):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a finished run's output directory, or one of its checkpoint directories")
     parser.add_argument("--prompts", nargs="+", default=["a cat", "a dog", "a horse"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--model-path", help="base model (hub id or directory) instead of the run's own")
     parser.add_argument("--baseline", action="store_true", help="also sample the base model")
     parser.add_argument("--out", help="output PNG (default <run>/samples.png)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--device", help="device to sample on (default: cuda if available)")
     args = parser.parse_args(argv)
+    check_seeds(args.seeds)
+    device = check_device(args.device or ("cuda" if _cuda() else "cpu"))
+    run_dir, weights_dir = locate(args.run_dir)
+    cfg, build_base = plan_base(run_dir, args.model_path)
+    out = check_image_out(args.out or os.path.join(run_dir, "samples.png"))
+    trained_kind(weights_dir)
 
     from diffusers import DDIMScheduler
 
     from ddpo.logging import image_grid
 
-    run_dir, weights_dir = locate(args.run_dir)
-    pipe, cfg = load_base(run_dir, args.model_path)
+    pipe = build_base()
     if not is_flow(cfg):  # DDPO's sampler; a flow model keeps its FlowMatchEulerDiscreteScheduler
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(args.device)
+    pipe.to(device)
     images, captions = [], []
     if args.baseline:
-        for prompt, row in zip(args.prompts, sample_rows(pipe, args.prompts, args.seeds, cfg, args.device)):
+        for prompt, row in zip(args.prompts, sample_rows(pipe, args.prompts, args.seeds, cfg, device)):
             images += row
             captions += [f"base | {prompt} | seed {s}" for s in args.seeds]
     kind = apply_trained(pipe, weights_dir)
-    pipe.to(args.device)
-    for prompt, row in zip(args.prompts, sample_rows(pipe, args.prompts, args.seeds, cfg, args.device)):
+    pipe.to(device)
+    for prompt, row in zip(args.prompts, sample_rows(pipe, args.prompts, args.seeds, cfg, device)):
         images += row
         captions += [f"trained | {prompt} | seed {s}" for s in args.seeds]
-    out = args.out or os.path.join(run_dir, "samples.png")
     grid = image_grid(images, captions, tile=min(256, cfg.model.resolution * 4), columns=len(args.seeds))
-    grid.save(out)
+    try:
+        grid.save(out)
+    except OSError as exc:
+        fail(f"cannot write {out} ({first_line(exc)})")
     print(f"{len(images)} images ({kind} from {weights_dir}) -> {out}")
 
 

@@ -15,3 +15,8 @@ class Interrupted(DDPOError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class WeightsMismatch(ConfigError):
+    """Trained weights (a checkpoint's) that do not fit the model this run built; the message names the
+    config key that differs where the weights tell it (use_lora, lora_rank)."""

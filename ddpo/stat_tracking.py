@@ -48,9 +48,19 @@ class PerPromptStatTracker:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the buffers; ValueError (nothing changed) unless they are prompts -> lists of finite numbers."""
+        buffers = state.get("buffers") if isinstance(state, dict) else None
+        if not isinstance(buffers, dict):
+            raise ValueError("the per-prompt statistics hold no 'buffers' object")
+        for prompt, values in buffers.items():
+            if not (
+                isinstance(values, list)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
+            ):
+                raise ValueError(f"the per-prompt statistics of {prompt[:40]!r} are not a list of finite numbers")
         self.buffers.clear()
-        for prompt, values in state["buffers"].items():
-            self.buffers[prompt].extend(values)
+        for prompt, values in buffers.items():
+            self.buffers[prompt].extend(float(v) for v in values)
 
 
 def global_advantages(rewards: np.ndarray) -> np.ndarray:

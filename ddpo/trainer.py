@@ -10,13 +10,17 @@ import json
 import logging
 import math
 import os
+import queue
 import random
+import re
 import shutil
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpo.algorithms import Algorithm
+from ddpo.config_history import RunRecord
 from ddpo.distributed import any_rank
-from ddpo.errors import DDPOError, Interrupted
-from ddpo.logging import EVAL_FILE, MetricsFile, RunTracker, log_to_files, plot_reward_curve
+from ddpo.errors import ConfigError, DDPOError, Interrupted, WeightsMismatch
+from ddpo.logging import EVAL_FILE, METRICS_FILE, MetricsFile, RunTracker, log_to_files, plot_reward_curve
 from ddpo.pipelines.base import DDPOPipeline, Rollout
 from ddpo.preemption import PreemptionGuard
 from ddpo.seeds import shuffle_seed
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "ddpo_state.json"
+MAX_STATE_BYTES = 64 << 20  # a loop state is KBs (per-prompt statistics: 16 numbers a prompt)
+REWARD_POLL_S = 0.2  # how often the loop, waiting for a reward, looks at signals
 
 
 class RewardError(DDPOError):
@@ -58,6 +65,8 @@ class Components:
     plan: Any  # ddpo.config.BatchPlan
     run_lock: Any = None  # ddpo.run_lock.RunLock held by the main process, released when training ends
     evaluator: Any = None  # ddpo.evaluation.Evaluator when eval.every > 0
+    record: RunRecord | None = None  # the config this start trains with: into every checkpoint, and the history
+    resume: Any = None  # ResumePlan: what to resume from, found (and checked) before the model was built
 
 
 @dataclass
@@ -80,22 +89,79 @@ class TrainingState:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.epochs_completed = int(state["epochs_completed"])
-        self.global_step = int(state["global_step"])
+        """Restore a state that ``state_problem`` accepted; the algorithm's part first (it may refuse)."""
         if self.algorithm is not None:
             self.algorithm.load_state_dict(state.get("algorithm") or {})
+        self.epochs_completed = int(state["epochs_completed"])
+        self.global_step = int(state["global_step"])
+
+
+def state_problem(state, checkpoint: str) -> str | None:
+    """What is wrong with a checkpoint's loop state (types, ranges, its directory's name), or None.
+
+    Each epoch takes at least one optimizer step, and ``checkpoint_<n>`` is written after epoch n.
+    """
+
+    def count(key: str):
+        value = state.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    if not isinstance(state, dict):
+        return f"not a JSON object ({type(state).__name__})"
+    epochs, steps = count("epochs_completed"), count("global_step")
+    if epochs is None or epochs < 1:
+        return f"epochs_completed must be a whole number >= 1 (got {state.get('epochs_completed')!r})"
+    if steps is None or steps < epochs:
+        return f"global_step must be a whole number >= epochs_completed={epochs} (got {state.get('global_step')!r})"
+    named = re.fullmatch(r"checkpoint_(\d+)", os.path.basename(os.path.normpath(checkpoint)))
+    if named and int(named.group(1)) != epochs:
+        return f"epochs_completed={epochs} contradicts the checkpoint's name {os.path.basename(checkpoint)}"
+    if not isinstance(state.get("algorithm", {}), dict):
+        return f"'algorithm' must be an object (got {type(state['algorithm']).__name__})"
+    return None
 
 
 # -- rewards ------------------------------------------------------------------------------------
-def reward_executor(device) -> ThreadPoolExecutor:
+class RewardWorker:
     """One background thread for rewards, so they run while the next batch samples.
 
     On the CPU the thread computes with one intra-op thread: a second OpenMP team would make the
     OpenMP runtime count more threads than cores and stop spin-waiting, which slows every UNet
     call of the sampling and training loop by about 1.7x on 2 cores.
+
+    The thread is a daemon (a ThreadPoolExecutor's is not): when the run stops while a reward call
+    hangs (a remote server that never answers), the process still ends.
     """
-    init = (lambda: torch.set_num_threads(1)) if torch.device(device).type == "cpu" else None
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward", initializer=init)
+
+    def __init__(self, device):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        one_thread = torch.device(device).type == "cpu"
+        self._thread = threading.Thread(target=self._work, args=(one_thread,), name="reward", daemon=True)
+        self._thread.start()
+
+    def _work(self, one_thread: bool) -> None:
+        if one_thread:
+            torch.set_num_threads(1)
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the loop, which decides
+                future.set_exception(exc)
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Stop after the call in progress (if any); calls still queued never start."""
+        self._queue.put(None)
+
+
+reward_executor = RewardWorker
 
 
 def _as_numbers(name: str, what: str, value) -> torch.Tensor:
@@ -129,6 +195,16 @@ def check_reward_output(name: str, output, batch_size: int) -> tuple[torch.Tenso
     return rewards, clean_info
 
 
+def abandon_reward(reward_fn) -> None:
+    """Let a reward give up a call in progress (a remote reward shuts its sockets), when the run stops."""
+    close = getattr(reward_fn, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception as exc:  # stopping anyway: say so, never mask the reason for stopping
+            log.warning("the reward's close() failed: %s: %s", type(exc).__name__, exc)
+
+
 def timed_call(fn: Callable, *args):
     """``(fn(*args), seconds)``: how long the reward itself ran, in its own thread."""
     started = time.perf_counter()
@@ -136,13 +212,19 @@ def timed_call(fn: Callable, *args):
     return output, time.perf_counter() - started
 
 
-def collect_reward(name: str, future: Future, batch_size: int) -> tuple[torch.Tensor, dict, float]:
+def collect_reward(
+    name: str, future: Future, batch_size: int, stop: Callable[[], None] | None = None
+) -> tuple[torch.Tensor, dict, float]:
     """The reward's (rewards, info, seconds) of one batch, checked; a failure is one line.
 
     The project's own errors (``DDPOError``: ``RewardError``, a remote reward's ``RemoteRewardError``, ...)
     already say in one line what failed and where, so they pass through as raised; any other exception
-    is named with the reward it came from.
+    is named with the reward it came from. While it waits, signal handlers run (Ctrl-C, the preemption
+    guard's hand-over) and ``stop()`` is called every ``REWARD_POLL_S``: it raises to give up waiting.
     """
+    while not wait_for([future], timeout=REWARD_POLL_S).done:
+        if stop is not None:
+            stop()
     try:
         output, seconds = future.result()
     except DDPOError:
@@ -168,8 +250,13 @@ class EpochSamples:
     reward_s: float  # the rewards' own run time (overlapped with sampling, except the wait)
 
 
-def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecutor) -> EpochSamples:
-    """Sample ``num_batches_per_epoch`` batches; each batch's reward runs while the next samples."""
+def sample_epoch(
+    comps: Components, run, epoch: int, executor: RewardWorker, stop: Callable[[], None] | None = None
+) -> EpochSamples:
+    """Sample ``num_batches_per_epoch`` batches; each batch's reward runs while the next samples.
+
+    ``stop``: called while waiting for rewards; it raises to abandon the epoch (see ``collect_reward``).
+    """
     s = run.sample
     accelerator, pipeline, algorithm = comps.accelerator, comps.pipeline, comps.algorithm
     # sample k of process p is sample p * n + k of the epoch (the order gather() returns), and its
@@ -203,7 +290,7 @@ def sample_epoch(comps: Components, run, epoch: int, executor: ThreadPoolExecuto
         prompts_all.extend(prompts)
         meta_all.extend(metadata)
     waited = time.perf_counter()
-    results = [collect_reward(comps.reward_name, f, s.batch_size) for f in futures]
+    results = [collect_reward(comps.reward_name, f, s.batch_size, stop) for f in futures]
     reward_wait_s = time.perf_counter() - waited
     rewards = torch.cat([r for r, _, _ in results])
     info = {
@@ -320,15 +407,38 @@ def train_epoch(
 
 # -- checkpoints --------------------------------------------------------------------------------
 def read_state(checkpoint: str) -> dict:
-    """The loop state of a checkpoint, or a DDPOError naming the file."""
+    """The loop state of a checkpoint, checked (``state_problem``), or a DDPOError naming the file."""
     path = os.path.join(checkpoint, STATE_FILE)
     try:
+        if not os.path.isfile(path):
+            raise OSError(f"not a regular file: {path}" if os.path.exists(path) else "missing")
         with open(path) as handle:
-            state = json.load(handle)
-        int(state["epochs_completed"]), int(state["global_step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+            text = handle.read(MAX_STATE_BYTES + 1)
+        if len(text) > MAX_STATE_BYTES:
+            raise ValueError(f"larger than {MAX_STATE_BYTES >> 20} MiB")
+        state = json.loads(text)
+    except (OSError, ValueError, RecursionError) as exc:
         raise DDPOError(f"{path} is unreadable ({type(exc).__name__}: {str(exc)[:100]})") from None
+    problem = state_problem(state, checkpoint)
+    if problem:
+        raise DDPOError(f"{path} is invalid: {problem}")
     return state
+
+
+def metrics_problem(state: dict, checkpoint: str) -> str | None:
+    """Whether the run's metrics.jsonl contradicts a checkpoint: its record of the checkpoint's last
+    epoch (written just before the checkpoint) must show the same global step."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    if not os.path.isfile(os.path.join(run_dir, METRICS_FILE)):
+        return None
+    last = state["epochs_completed"] - 1
+    for record in MetricsFile(run_dir).read():
+        if record.get("epoch") == last and record.get("global_step") != state["global_step"]:
+            return (
+                f"global_step={state['global_step']} contradicts metrics.jsonl, whose record of epoch {last} "
+                f"has global_step={record.get('global_step')}"
+            )
+    return None
 
 
 def list_checkpoints(run_dir: str, damaged: list[str] | None = None) -> list[tuple[int, str]]:
@@ -368,6 +478,40 @@ def resume_candidates(path: str) -> list[str]:
     return [p for _, p in reversed(found)]
 
 
+@dataclass
+class ResumePlan:
+    """Checkpoints to resume from, newest first; ``own``: this run's, not another's (``resume_from``)."""
+
+    candidates: list[str]
+    damaged: list[str]  # this run's checkpoints with no readable state: never a reason to start afresh
+    own: bool
+
+
+def plan_resume(run_dir: str, resume_from: str | None) -> ResumePlan:
+    damaged: list[str] = []
+    candidates = [p for _, p in reversed(list_checkpoints(run_dir, damaged))]
+    if not candidates and not damaged and resume_from:
+        return ResumePlan(resume_candidates(resume_from), [], own=False)
+    return ResumePlan(candidates, damaged, own=True)
+
+
+def check_resume(plan: ResumePlan, record: RunRecord | None, num_epochs: int) -> None:
+    """Before the model is built: refuse to continue a checkpoint with a changed config (unless
+    ``resume_with_changes``), or to "continue" another run that has nothing left to train."""
+    if not plan.candidates:
+        return
+    newest = plan.candidates[0]
+    if record is not None:
+        record.check_against(newest, own_run=plan.own)
+    if not plan.own:
+        done = read_state(newest)["epochs_completed"]
+        if done >= num_epochs:
+            raise ConfigError(
+                f"resume_from={newest} has already trained {done} epoch(s), and this run's num_epochs={num_epochs}: "
+                f"nothing would be trained; set num_epochs above {done} to train more from it"
+            )
+
+
 def load_checkpoint(accelerator, state: TrainingState, candidates: list[str], damaged: list[str] = ()) -> str:
     """Load the newest checkpoint of ``candidates`` that loads whole; warn about each that does not.
 
@@ -384,8 +528,15 @@ def load_checkpoint(accelerator, state: TrainingState, candidates: list[str], da
             )
         try:
             loop_state = read_state(path)
-            accelerator.load_state(path)
-        except Exception as exc:  # truncated weights, missing or torn optimizer state, unreadable state file
+            problem = metrics_problem(loop_state, path)
+            if problem:
+                raise DDPOError(problem)
+            with warn_on_unloadable_rng(rng_file):
+                accelerator.load_state(path)
+            state.load_state_dict(loop_state)
+        except WeightsMismatch as exc:  # every checkpoint of the run has that shape: falling back cannot help
+            raise WeightsMismatch(f"cannot resume from {path}: {exc}") from None
+        except Exception as exc:  # truncated weights, missing or torn optimizer state, invalid state file
             reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
             failures.append(f"{path} ({reason})")
             log.warning(
@@ -395,7 +546,6 @@ def load_checkpoint(accelerator, state: TrainingState, candidates: list[str], da
                 "; trying the previous one" if path != candidates[-1] else "",
             )
             continue
-        state.load_state_dict(loop_state)
         if "algorithm" not in loop_state and state.algorithm is not None and state.algorithm.state_dict():
             log.warning(
                 "%s holds no algorithm state (an older checkpoint keeps the per-prompt statistics in a "
@@ -408,6 +558,35 @@ def load_checkpoint(accelerator, state: TrainingState, candidates: list[str], da
         + "; ".join(sorted([*failures, *damaged], reverse=True))
         + " (none was deleted)"
     )
+
+
+@contextlib.contextmanager
+def warn_on_unloadable_rng(rng_file: str):
+    """accelerate logs an RNG file it cannot read (tampered, wrong format) as INFO and goes on: a warning
+    naming the file instead (the run resumes; sampling noise is seeded per sample and unaffected)."""
+
+    class Catch(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "Could not load random state" in record.getMessage():
+                log.warning(
+                    "%s could not be loaded (damaged or not an RNG state): resuming without it (sampling is "
+                    "seeded per sample and unaffected; dropout or other global randomness may differ)",
+                    rng_file,
+                )
+                return False
+            return True
+
+    catch = Catch()
+    logger = logging.getLogger("accelerate.checkpointing")
+    level = logger.level
+    if not logger.isEnabledFor(logging.INFO):  # the INFO record must be made for the filter to see it
+        logger.setLevel(logging.INFO)
+    logger.addFilter(catch)
+    try:
+        yield
+    finally:
+        logger.removeFilter(catch)
+        logger.setLevel(level)
 
 
 def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
@@ -430,6 +609,8 @@ def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
         if accelerator.is_main_process:
             with open(os.path.join(tmp, STATE_FILE), "w") as handle:
                 json.dump(state.state_dict(), handle)
+            if comps.record is not None:
+                comps.record.save(tmp)
     except Exception as exc:
         if not disk_full(exc):
             raise
@@ -477,13 +658,41 @@ def register_weight_hooks(accelerator, pipeline: DDPOPipeline) -> None:
 
 
 def write_final(pipeline: DDPOPipeline, final_dir: str) -> list[str]:
-    """Export the trained weights to ``final_dir`` atomically: whole, or not there at all."""
+    """Export the trained weights to ``final_dir`` atomically: whole, or not there at all.
+
+    A full disk removes the partial export and stops with one line: the last checkpoint holds the
+    same weights, and the rerun writes ``final_dir`` from it.
+    """
     tmp = final_dir + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    files = pipeline.export(tmp)
+    try:
+        files = pipeline.export(tmp)
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DDPOError(
+            f"the disk is full: the trained weights could not be written to {final_dir} (the partial copy is "
+            "removed; the last checkpoint holds the same weights). Free space and rerun the same command: it "
+            "writes final/ from the last checkpoint"
+        ) from None
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp, final_dir)
     return [final_dir + f[len(tmp) :] for f in files]
+
+
+def append_record(metrics: MetricsFile, record: dict, run_dir: str) -> None:
+    """Append the epoch's record; a full disk stops with one line (the epoch is redone on resume)."""
+    try:
+        metrics.append(record)
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        raise DDPOError(
+            f"the disk is full: the record of epoch {record['epoch']} could not be appended to {metrics.path} "
+            f"(checkpoints in {os.path.join(run_dir, CHECKPOINT_DIR)} are intact). Free space and rerun the same "
+            "command to resume"
+        ) from None
 
 
 def check_finite_training(stats: dict[str, float], epoch: int, run_dir: str) -> None:
@@ -571,13 +780,14 @@ def train(comps: Components, run) -> float | None:
     pipeline.use_wrapped(model)
     register_weight_hooks(accelerator, pipeline)
 
-    damaged: list[str] = []  # this run's checkpoints with no readable state: never a reason to start afresh
-    candidates = [p for _, p in reversed(list_checkpoints(comps.run_dir, damaged))]
-    if not candidates and not damaged and run.resume_from:
-        candidates = resume_candidates(run.resume_from)
-    if candidates or damaged:
-        resume = load_checkpoint(accelerator, state, candidates, damaged)
-        log.info("resumed from %s: %d epoch(s) done, global step %d", resume, state.epochs_completed, state.global_step)
+    resume = comps.resume or plan_resume(comps.run_dir, run.resume_from)
+    if comps.resume is None:
+        check_resume(resume, comps.record, run.num_epochs)
+    if resume.candidates or resume.damaged:
+        loaded = load_checkpoint(accelerator, state, resume.candidates, resume.damaged)
+        if comps.record is not None and loaded != resume.candidates[0]:  # fell back: compare with that one
+            comps.record.check_against(loaded, own_run=resume.own)
+        log.info("resumed from %s: %d epoch(s) done, global step %d", loaded, state.epochs_completed, state.global_step)
     final_dir = os.path.join(comps.run_dir, "final")
     if state.epochs_completed >= run.num_epochs:
         log.info(
@@ -598,6 +808,8 @@ def train(comps: Components, run) -> float | None:
     if accelerator.is_main_process:
         metrics.keep_epochs_before(state.epochs_completed)
         evals.keep_epochs_before(state.epochs_completed)
+        if comps.record is not None:
+            comps.record.append_history(state.epochs_completed)
     log.info("%s; %s", plan.summary(run), comps.algorithm.describe(plan.samples_per_epoch))
     if comps.evaluator is not None and comps.evaluator.due(state.epochs_completed, run.num_epochs):
         run_evaluation(comps, evals, state)  # the policy the first epoch starts from (the base model on a new run)
@@ -612,10 +824,26 @@ def train(comps: Components, run) -> float | None:
         else PreemptionGuard(run.preemption_grace_s, signal.SIGTERM).install()
     )
     epoch = state.epochs_completed
+
+    def stop_waiting_for_rewards() -> None:
+        """SIGTERM came while the loop waits for a reward (a hung server): give up after half the grace
+        period, leaving the other half to stop cleanly; the epoch is lost, its predecessors are saved."""
+        signalled = termination.received_at if termination is not None else None
+        if signalled is not None and time.monotonic() - signalled > run.preemption_grace_s / 2:
+            abandon_reward(comps.reward_fn)
+            done = list_checkpoints(comps.run_dir)
+            since = f"from the checkpoint after epoch {done[-1][0] - 1}" if done else "from the start"
+            raise Interrupted(
+                f"terminated (SIGTERM) while waiting for the reward {comps.reward_name} in epoch {epoch} (still "
+                f"pending {run.preemption_grace_s / 2:.0f} s after the signal): this epoch is lost; rerun the same "
+                f"command to resume ({since})",
+                exit_code=128 + signal.SIGTERM,
+            )
+
     try:
         for epoch in range(state.epochs_completed, run.num_epochs):
             started = time.perf_counter()
-            samples = sample_epoch(comps, run, epoch, executor)
+            samples = sample_epoch(comps, run, epoch, executor, stop_waiting_for_rewards)
             advantages, all_rewards, all_info, all_prompts = compute_advantages(comps, samples)
             train_started = time.perf_counter()
             train_stats = train_epoch(comps, run, epoch, samples.batch, advantages, optimizer, model, state)
@@ -645,7 +873,7 @@ def train(comps: Components, run) -> float | None:
             last_reward = record["reward_mean"]
             hook_error = None
             if accelerator.is_main_process:
-                metrics.append(record)
+                append_record(metrics, record, comps.run_dir)
                 comps.tracker.log(
                     {k: v for k, v in record.items() if k != "epoch" and v is not None} | {"epoch": epoch},
                     step=state.global_step,
@@ -698,6 +926,7 @@ def train(comps: Components, run) -> float | None:
             log.info("trained weights: %s", ", ".join(files))
         accelerator.wait_for_everyone()
     except KeyboardInterrupt:
+        abandon_reward(comps.reward_fn)
         done = list_checkpoints(comps.run_dir)
         since = f"from the checkpoint after epoch {done[-1][0] - 1}" if done else "from the start"
         raise Interrupted(
@@ -707,7 +936,7 @@ def train(comps: Components, run) -> float | None:
         preemption.uninstall()
         if termination is not None:
             termination.uninstall()
-        executor.shutdown(wait=False, cancel_futures=True)
+        executor.shutdown()
         comps.tracker.finish()
         if comps.run_lock is not None:
             comps.run_lock.release()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpo.errors import ConfigError
+from ddpo.errors import ConfigError, WeightsMismatch
 
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # the trained tensors under their own names
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # mixed_precision -> frozen dtype
@@ -165,12 +165,36 @@ class DDPOPipeline(ABC):
         return {name: p.detach() for name, p in self.trainable_module().named_parameters() if p.requires_grad}
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy trained tensors in; WeightsMismatch (naming the config key where the weights tell it)
+        when their names or shapes are not this model's."""
         params = dict(self.trainable_module().named_parameters())
         expected = {name for name, p in params.items() if p.requires_grad}
         if set(state) != expected:
+            saved_lora, lora_here = any("lora_" in k for k in state), any("lora_" in k for k in expected)
+            if saved_lora != lora_here:
+                held = "LoRA adapters" if saved_lora else "fully fine-tuned weights"
+                raise WeightsMismatch(
+                    f"the trained weights are {held} but this run has use_lora={str(lora_here).lower()} "
+                    f"(they were trained with use_lora={str(saved_lora).lower()})"
+                )
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(
-                f"trained weights do not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            raise WeightsMismatch(
+                f"the trained weights are not this model's (missing {missing[:2]}, unexpected {unexpected[:2]}): "
+                "they were trained with another model or pipeline (model=..., pipeline=...)"
+            )
+        for name, value in state.items():
+            here = tuple(params[name].shape)
+            if tuple(value.shape) == here:
+                continue
+            if "lora_A" in name or "lora_B" in name:
+                axis = 0 if "lora_A" in name else 1  # A: (rank, in), B: (out, rank)
+                raise WeightsMismatch(
+                    f"the trained LoRA has rank {value.shape[axis]} but this run has lora_rank={here[axis]} "
+                    f"({name}: {tuple(value.shape)} vs {here})"
+                )
+            raise WeightsMismatch(
+                f"{name} has shape {tuple(value.shape)} in the trained weights but {here} in this model: they "
+                "were trained with another model (model=...)"
             )
         with torch.no_grad():
             for name, value in state.items():
@@ -213,6 +237,13 @@ class DDPOPipeline(ABC):
         from safetensors.torch import load_file
 
         path = os.path.join(directory, TRAINED_WEIGHTS_FILE)
+        if not os.path.isfile(path) and not self.export_is_exact:  # this run trains LoRA adapters
+            if any(os.path.isfile(os.path.join(directory, d, "config.json")) for d in os.listdir(directory)):
+                raise WeightsMismatch(
+                    "the trained weights are fully fine-tuned weights (a model folder, no "
+                    f"{TRAINED_WEIGHTS_FILE}) but this run has use_lora=true (they were trained with use_lora=false)"
+                )
+            raise FileNotFoundError(f"{path} is missing")
         self.load_trained_state_dict(load_file(path) if os.path.isfile(path) else self.read_export(directory))
 
 

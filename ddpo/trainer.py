@@ -612,7 +612,7 @@ def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
             if comps.record is not None:
                 comps.record.save(tmp)
     except Exception as exc:
-        if not disk_full(exc):
+        if not disk_full(exc, tmp):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise DDPOError(
@@ -630,15 +630,31 @@ def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
     return final
 
 
-def disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) is a full disk; torch wraps the OSError in a RuntimeError."""
+DISK_NEARLY_FULL = 1 << 20  # bytes: a write that fails with less free than this failed for want of space
+
+
+def disk_full(exc: BaseException, path: str | None = None) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk; torch wraps the OSError in a RuntimeError.
+
+    torch.save's C++ writer can also fail with a bare "iostream error" (no errno): then the free
+    space where ``path`` was being written decides.
+    """
+    first = exc
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
             return True
         exc = exc.__cause__ or exc.__context__
-    return False
+    if path is None or not isinstance(first, (OSError, RuntimeError)):
+        return False
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        stats = os.statvfs(path or ".")
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < DISK_NEARLY_FULL
 
 
 def register_weight_hooks(accelerator, pipeline: DDPOPipeline) -> None:
@@ -668,7 +684,7 @@ def write_final(pipeline: DDPOPipeline, final_dir: str) -> list[str]:
     try:
         files = pipeline.export(tmp)
     except Exception as exc:
-        if not disk_full(exc):
+        if not disk_full(exc, tmp):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise DDPOError(
@@ -686,7 +702,7 @@ def append_record(metrics: MetricsFile, record: dict, run_dir: str) -> None:
     try:
         metrics.append(record)
     except Exception as exc:
-        if not disk_full(exc):
+        if not disk_full(exc, metrics.path):
             raise
         raise DDPOError(
             f"the disk is full: the record of epoch {record['epoch']} could not be appended to {metrics.path} "

@@ -531,6 +531,7 @@ def write_card(
         if k != "_target_" and isinstance(v, (int, float, str, bool))
     )
     command = " ".join(["python train.py", *[o for o in overrides if not o.startswith("hydra.")]])
+    changes_text = config_changes_text(source, records)
     weights_from = "the run's final weights" if source.epochs is None else f"checkpoint `{source.label}`"
     samples_text = (
         f"![samples](samples.png)\n\n{info['samples_caption']}\n\n" if info.get("samples_caption") is not None else ""
@@ -572,7 +573,7 @@ Training reward per epoch (`metrics.jsonl`: mean and standard deviation over the
 |---|---|
 {params}
 {algo_params}
-
+{changes_text}
 ## Limitations
 
 The reward above is what training maximised, measured on the training prompts; a policy optimised
@@ -580,6 +581,38 @@ against a reward model can exploit it (reward hacking), so look at the samples, 
 The base model's license and use restrictions apply to this model.
 """
     ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(path)
+
+
+def config_changes_text(source: Source, records: list[dict]) -> str:
+    """The settings the run changed while it trained (``resume_with_changes``, ``config_history.jsonl``):
+    the table above shows the last ones, which the epochs before a change never used."""
+    import json
+
+    from ddpo.config_history import HISTORY_FILE
+
+    path = os.path.join(source.run_dir, HISTORY_FILE)
+    if not os.path.isfile(path) or os.path.islink(path):
+        return ""
+    exported = records[-1]["epoch"] + 1 if records else 0
+    rows = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                entry = json.loads(line)
+                if not (isinstance(entry, dict) and isinstance(entry.get("changes"), dict)):
+                    continue
+            except ValueError:
+                continue
+            if entry["changes"] and isinstance(entry.get("epoch"), int) and entry["epoch"] < exported:
+                for key, change in entry["changes"].items():
+                    change = change if isinstance(change, dict) else {}
+                    rows.append(f"| {entry['epoch']} | `{key}` | {change.get('from')} | {change.get('to')} |")
+    if not rows:
+        return ""
+    return (
+        "\nThe run was resumed with changed settings (`resume_with_changes=true`); the table above shows the "
+        "last ones:\n\n| from epoch | setting | before | after |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
 
 
 def card_samples(args, source: Source, cfg, prompts: list[str], pipeline: str, family: str):

@@ -83,6 +83,13 @@ def test_resume_with_changes_continues_and_records_each_change(copy):
     assert again.returncode == 0 and "already complete" in again.stdout + again.stderr, again.stderr[-2000:]
     back = run_cli(copy, [*TINY, "num_epochs=3"])
     assert back.returncode == 1 and "train.learning_rate" in last_line(back)
+    # the model card says which epochs trained with which learning rate
+    from tests.test_export import export
+
+    export.main([str(copy), "--out", str(copy.parent / "export"), "--no-sample"])
+    card = (copy.parent / "export" / "README.md").read_text()
+    assert "| `train.learning_rate` | 0.0001 |" in card
+    assert "| 2 | `train.learning_rate` | 0.0003 | 0.0001 |" in card
 
 
 def test_operational_keys_may_change_without_asking(copy):

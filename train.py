@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from ddpo.config import main as run
 from ddpo.config import register_configs
+from ddpo.hydra_callbacks import one_line_config_errors
 
 register_configs()
 
@@ -20,4 +21,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_config_errors():  # a misspelt option or key, a wrong type: one line, as the run's own errors
+        main()

@@ -35,6 +35,8 @@ def train() -> None:
     import hydra
 
     from ddpo.config import register_configs
+    from ddpo.hydra_callbacks import one_line_config_errors
 
     register_configs()
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(run)()
+    with one_line_config_errors():
+        hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(run)()

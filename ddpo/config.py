@@ -8,6 +8,7 @@ import dataclasses
 import enum
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,156 @@ def check_finite(node, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{f.name} must be a finite number (got {value})")
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """An interval of numbers; ``None`` leaves that end open to infinity."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    text: str = ""  # how messages state it, where the interval's own notation would not read well
+
+    def __contains__(self, value) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (not self.high_open and value == self.high)
+
+    def __str__(self) -> str:
+        if self.text:
+            return self.text
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+@dataclass(frozen=True)
+class NumberRule:
+    """The values one numeric key may take (outside: ConfigError) and those runs use (outside: a warning)."""
+
+    key: str
+    allowed: Bounds
+    why: str = ""  # appended to the error: what the value means
+    usual: Bounds | None = None
+    usual_why: str = ""  # appended to the warning: what papers and the presets use
+    only_if: str = ""  # a key that turns the feature on: the rule applies only when it is true (non-zero)
+
+
+POSITIVE, NON_NEGATIVE = Bounds(0, low_open=True), Bounds(0)
+UNIT_INTERVAL = Bounds(0, 1, high_open=True)  # [0, 1): Adam's decay rates
+
+# Every numeric key of RunConfig, in the order they are checked (tests/test_input_checks.py keeps it complete).
+NUMBER_RULES = (
+    NumberRule("seed", Bounds(0, 2**32, high_open=True, text="in [0, 2**32)"), "numpy's generators take 32 bits"),
+    NumberRule("num_epochs", POSITIVE),
+    NumberRule("save_freq", POSITIVE),
+    NumberRule("checkpoints_total_limit", POSITIVE, "null keeps every checkpoint"),
+    NumberRule("preemption_grace_s", NON_NEGATIVE),
+    NumberRule("lora_rank", POSITIVE, usual=Bounds(1, 256), usual_why="papers use 4 to 128"),
+    NumberRule("sample.num_steps", POSITIVE),
+    NumberRule(
+        "sample.eta",
+        NON_NEGATIVE,
+        "it scales DDIM's noise",
+        Bounds(0, 1),
+        "1 is DDPM's noise, the DDPO paper's value; more adds noise beyond it",
+    ),
+    NumberRule(
+        "sample.guidance_scale",
+        Bounds(1),
+        "1 disables classifier-free guidance, above 1 guides; below 1 would mix in the unconditional prediction",
+        Bounds(1, 20),
+        "Stable Diffusion runs use 4.5 to 7.5",
+    ),
+    NumberRule("sample.batch_size", POSITIVE),
+    NumberRule("sample.num_batches_per_epoch", POSITIVE),
+    NumberRule("train.batch_size", POSITIVE),
+    NumberRule(
+        "train.learning_rate", NON_NEGATIVE, usual=Bounds(0, 0.1), usual_why="AdamW fine-tuning uses 1e-5 to 1e-3"
+    ),
+    NumberRule("train.adam_beta1", UNIT_INTERVAL, "a decay rate of AdamW's moment estimates"),
+    NumberRule(
+        "train.adam_beta2",
+        UNIT_INTERVAL,
+        "a decay rate of AdamW's moment estimates",
+        Bounds(0.9, 1, high_open=True),
+        "AdamW's default is 0.999",
+    ),
+    NumberRule(
+        "train.adam_weight_decay", NON_NEGATIVE, usual=Bounds(0, 0.1), usual_why="DDPO uses 1e-4, AdamW's default 1e-2"
+    ),
+    NumberRule(
+        "train.adam_epsilon",
+        POSITIVE,
+        "it keeps AdamW's step finite where a gradient is 0",
+        Bounds(0, 1e-4, low_open=True),
+        "AdamW's default is 1e-8",
+    ),
+    NumberRule("train.gradient_accumulation_steps", POSITIVE),
+    NumberRule("train.max_grad_norm", POSITIVE),
+    NumberRule("train.num_inner_epochs", POSITIVE),
+    NumberRule("train.adv_clip_max", POSITIVE),
+    NumberRule(
+        "train.clip_range", POSITIVE, usual=Bounds(0, 1, low_open=True), usual_why="DDPO uses 1e-4, image PPO 0.2"
+    ),
+    NumberRule("train.timestep_fraction", Bounds(0, 1, low_open=True)),
+    NumberRule("train.timesteps_per_call", POSITIVE),
+    NumberRule("eval.every", NON_NEGATIVE, "0 turns evaluation off"),
+    NumberRule("eval.seeds", POSITIVE, only_if="eval.every"),
+    NumberRule("eval.batch_size", POSITIVE, only_if="eval.every"),
+    NumberRule("per_prompt_stat_tracking.buffer_size", POSITIVE, only_if="per_prompt_stat_tracking.enabled"),
+    NumberRule("per_prompt_stat_tracking.min_count", NON_NEGATIVE, only_if="per_prompt_stat_tracking.enabled"),
+)
+
+
+def _get(run: RunConfig, key: str):
+    value = run
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _applies(run: RunConfig, rule: NumberRule):
+    """The rule's value, or None where it does not apply (a null value, a feature turned off)."""
+    if rule.only_if and not _get(run, rule.only_if):
+        return None
+    return _get(run, rule.key)
+
+
+def check_ranges(run: RunConfig) -> None:
+    """Every numeric key is in its range (NUMBER_RULES); ConfigError names the key and the range."""
+    for rule in NUMBER_RULES:
+        value = _applies(run, rule)
+        if value is not None and value not in rule.allowed:
+            why = f": {rule.why}" if rule.why else ""
+            raise ConfigError(f"{rule.key} must be {rule.allowed} (got {value}){why}")
+    st = run.per_prompt_stat_tracking
+    if st.enabled and st.min_count > st.buffer_size:
+        raise ConfigError(
+            f"per_prompt_stat_tracking.min_count={st.min_count} exceeds buffer_size={st.buffer_size}: a prompt's "
+            "buffer never holds that many rewards, so its own statistics would never be used"
+        )
+
+
+_WARNED = weakref.WeakValueDictionary()  # id -> the run configs warn_unusual has spoken about
+
+
+def warn_unusual(run: RunConfig) -> None:
+    """A warning, once per run config, for each value far from what runs use (NUMBER_RULES' ``usual``)."""
+    if _WARNED.get(id(run)) is run:
+        return
+    _WARNED[id(run)] = run
+    import logging
+
+    for rule in NUMBER_RULES:
+        value = _applies(run, rule)
+        if rule.usual is not None and value is not None and value not in rule.usual:
+            why = f"; {rule.usual_why}" if rule.usual_why else ""
+            logging.getLogger(__name__).warning(
+                "%s=%s is unusual (runs use values %s%s): check it", rule.key, value, rule.usual, why
+            )
+
+
 def plan_batches(run: RunConfig, world_size: int = 1, stored_steps: int | None = None) -> BatchPlan:
     """Check the run's numbers and return its batch arithmetic; ConfigError names the bad key.
 
@@ -145,52 +296,9 @@ def plan_batches(run: RunConfig, world_size: int = 1, stored_steps: int | None =
     SDE window, or 1 for branched chains); ``train.timestep_fraction`` is a fraction of them.
     """
     check_finite(run)
+    check_ranges(run)
+    warn_unusual(run)
     s, t = run.sample, run.train
-
-    def positive(key: str, value) -> None:
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0 (got {value})")
-
-    for key in ("num_steps", "batch_size", "num_batches_per_epoch"):
-        positive(f"sample.{key}", getattr(s, key))
-    for key in (
-        "batch_size",
-        "gradient_accumulation_steps",
-        "num_inner_epochs",
-        "timesteps_per_call",
-        "max_grad_norm",
-        "clip_range",
-        "adv_clip_max",
-    ):
-        positive(f"train.{key}", getattr(t, key))
-    if t.learning_rate < 0:
-        raise ConfigError(f"train.learning_rate must be >= 0 (got {t.learning_rate})")
-    if not 0 <= run.seed < 2**32:  # numpy's global generator (seeded with it) takes 32 bits
-        raise ConfigError(f"seed must be in [0, 2**32) (got {run.seed})")
-    if run.preemption_grace_s < 0:
-        raise ConfigError(f"preemption_grace_s must be >= 0 (got {run.preemption_grace_s})")
-    positive("num_epochs", run.num_epochs)
-    positive("save_freq", run.save_freq)
-    positive("lora_rank", run.lora_rank)
-    if run.checkpoints_total_limit is not None:
-        positive("checkpoints_total_limit", run.checkpoints_total_limit)
-    if not s.guidance_scale >= 1:
-        raise ConfigError(
-            f"sample.guidance_scale must be >= 1 (got {s.guidance_scale}): 1 disables classifier-free guidance, "
-            "above 1 guides; below 1 would mix in the unconditional prediction"
-        )
-    if not 0 < t.timestep_fraction <= 1:
-        raise ConfigError(f"train.timestep_fraction must be in (0, 1] (got {t.timestep_fraction})")
-    if run.eval.every < 0:
-        raise ConfigError(f"eval.every must be >= 0 (got {run.eval.every}; 0 turns evaluation off)")
-    if run.eval.every:
-        positive("eval.seeds", run.eval.seeds)
-        positive("eval.batch_size", run.eval.batch_size)
-    st = run.per_prompt_stat_tracking
-    if st.enabled:
-        positive("per_prompt_stat_tracking.buffer_size", st.buffer_size)
-        if st.min_count < 0:
-            raise ConfigError(f"per_prompt_stat_tracking.min_count must be >= 0 (got {st.min_count})")
 
     per_process = s.batch_size * s.num_batches_per_epoch
     if per_process % t.batch_size:

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -18,36 +19,83 @@ EVAL_FILE = "eval.jsonl"  # one line per evaluation (eval.every): "epoch" is the
 WANDB_RUN_ID_FILE = "run_id"  # in <run>/wandb/
 
 
+def _not_a_file(mode: int) -> str:
+    """What a path that is not a regular file is, in words."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    return "not a regular file"
+
+
+_NOT_JSON = "it is not JSON (cut off or damaged)"
+
+
+def _metrics_record(raw: bytes) -> tuple[dict | None, str]:
+    """``(record, "")`` for a line that is an epoch's record, else ``(None, why it is not)``."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, _NOT_JSON
+    if not isinstance(record, dict):
+        what = {list: "an array", str: "a string"}.get(type(record)) or json.dumps(record)  # or a number, null
+        return None, f"it is {what}, not a JSON object"
+    if "epoch" not in record:
+        return None, 'it has no "epoch"'
+    epoch = record["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return None, f'its "epoch" is {json.dumps(epoch)}, not an integer >= 0'
+    return record, ""
+
+
 class MetricsFile:
     """One JSON object per epoch, appended as each epoch ends (readable while the run goes on).
 
-    Lines are strict JSON: a non-finite number is written as null (bare NaN is not JSON). A torn
-    last line (the process died while writing it) is dropped with a warning when read.
+    Lines are strict JSON: a non-finite number is written as null (bare NaN is not JSON). Reading
+    keeps the lines that are records (a JSON object with an integer ``epoch`` >= 0) and drops any
+    other with a warning naming the file and line: a torn last line (the process died while writing
+    it), damage anywhere else, a line that is not an object. A path that cannot be the file (a
+    directory, a FIFO, which would block) is a DDPOError naming it.
     """
 
     def __init__(self, directory: str, name: str = METRICS_FILE):
         self.path = os.path.join(directory, name)
 
+    def _exists(self) -> bool:
+        """Whether the file is there; something else at its path (a directory, a FIFO) is a DDPOError."""
+        try:
+            mode = os.stat(self.path).st_mode
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            raise DDPOError(f"cannot use {self.path}: {error.strerror or error}") from None
+        if not stat.S_ISREG(mode):
+            raise DDPOError(
+                f"{self.path} is {_not_a_file(mode)}, not a file: move it away (the run keeps its records there)"
+            )
+        return True
+
     def read(self) -> list[dict]:
-        if not os.path.exists(self.path):
+        if not self._exists():
             return []
-        with open(self.path) as handle:
-            lines = [line for line in handle if line.strip()]
+        with open(self.path, "rb") as handle:
+            lines = [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
         records = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number < len(lines):
-                    raise DDPOError(f"{self.path} line {number} is not JSON; repair or remove that line") from None
+        for index, (number, line) in enumerate(lines):
+            record, problem = _metrics_record(line)
+            if record is not None:
+                records.append(record)
+            elif index == len(lines) - 1 and problem == _NOT_JSON:
                 log.warning(
                     "%s: dropped its last line, which was cut off (the run stopped while writing it)", self.path
                 )
+            else:
+                log.warning("%s line %d: dropped, %s", self.path, number, problem)
         return records
 
     def keep_epochs_before(self, epoch: int) -> None:
         """Drop records of epochs >= ``epoch`` (they are redone after a resume)."""
-        if not os.path.exists(self.path):
+        if not self._exists():
             return
         records = [r for r in self.read() if r["epoch"] < epoch]
         tmp = self.path + ".tmp"
@@ -57,6 +105,7 @@ class MetricsFile:
         os.replace(tmp, self.path)
 
     def append(self, record: dict) -> None:
+        self._exists()  # a FIFO there would block the run until something reads it
         with open(self.path, "a") as handle:
             handle.write(strict_json(record) + "\n")
             handle.flush()

@@ -14,6 +14,7 @@ import abc
 import importlib.resources
 import os
 import random
+import stat
 import unicodedata
 from typing import Any
 
@@ -34,6 +35,60 @@ __all__ = [
 _ASSET_PACKAGE = "ddpo.assets"
 
 
+MAX_PROMPT_FILE_BYTES = 64 * 2**20  # read at most this much of a prompt file or word list (a million long prompts)
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def read_text_file(path: str, what: str, limit: int | None = None) -> str:
+    """The UTF-8 text of the regular file ``path``; ConfigError (naming ``what``) for anything else.
+
+    A FIFO, a device or a directory never yields a finite text (a FIFO blocks until a writer comes,
+    /dev/zero never ends): it is refused before it is read, and no more than ``limit`` bytes are read.
+    Universal newlines, as text-mode ``open``. ``limit`` defaults to MAX_PROMPT_FILE_BYTES.
+    """
+    limit = MAX_PROMPT_FILE_BYTES if limit is None else limit
+    try:
+        kind = os.stat(path).st_mode
+        if not stat.S_ISREG(kind):
+            raise ConfigError(f"{what} {path} is {_file_kind(kind)}, not a regular file")
+        # O_NONBLOCK: should the path become a FIFO after the check, opening it does not wait for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as handle:
+            kind = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(kind):
+                raise ConfigError(f"{what} {path} is {_file_kind(kind)}, not a regular file")
+            data = handle.read(limit + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    return _decode(data, f"{what} {path}", limit)
+
+
+def _decode(data: bytes, what: str, limit: int) -> str:
+    """``data`` (at most ``limit`` + 1 bytes of ``what``) as text, with universal newlines as text-mode ``open``."""
+    if len(data) > limit:
+        size = f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit} bytes"
+        raise ConfigError(f"{what} is larger than the {size} read of a prompt file: keep fewer lines")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read {what}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _parse_lines(text: str) -> list[str]:
     """One entry per line; surrounding whitespace stripped, blank lines dropped."""
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -49,7 +104,13 @@ def load_asset_lines(name: str) -> list[str]:
         raise ConfigError(
             f"word list {name!r} is not in the package data ddpo/assets (available: {', '.join(available)})"
         )
-    lines = _parse_lines(resource.read_text(encoding="utf-8"))
+    if isinstance(resource, os.PathLike):  # a package on disk: a word list there can be any kind of file
+        text = read_text_file(os.fspath(resource), f"word list {name!r}")
+    else:  # inside a zip archive
+        with resource.open("rb") as handle:
+            limit = MAX_PROMPT_FILE_BYTES
+            text = _decode(handle.read(limit + 1), f"word list {name!r}", limit)
+    lines = _parse_lines(text)
     if not lines:
         raise ConfigError(f"word list {name!r} in ddpo/assets has no entries")
     return lines
@@ -150,12 +211,9 @@ class FilePrompts(PromptSet):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         try:
-            with open(self.path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ConfigError(f"prompt file not found: {self.path} (set prompt.path)") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read prompt file {self.path} (prompt.path): {e}") from None
+            text = read_text_file(self.path, "prompt file")
+        except ConfigError as e:
+            raise ConfigError(f"{e} (prompt.path)") from None
         for number, line in enumerate(text.split("\n"), start=1):
             bad = next((c for c in line.rstrip("\r") if c != "\t" and unicodedata.category(c) == "Cc"), None)
             if bad is not None:

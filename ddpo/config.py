@@ -77,6 +77,7 @@ class RunConfig:
     save_freq: int = MISSING
     checkpoints_total_limit: int | None = MISSING
     resume_from: str | None = MISSING
+    resume_with_changes: bool = MISSING
     preemption_grace_s: float = MISSING
     mixed_precision: MixedPrecision = MISSING
     allow_tf32: bool = MISSING
@@ -323,9 +324,30 @@ def plan_batches(run: RunConfig, world_size: int = 1, stored_steps: int | None =
     )
 
 
+# the largest image side: 4x SDXL's 1024; model.resolution=100000 would ask for a 10 GB latent before any check
+MAX_RESOLUTION = 4096
+
+
+def check_resolution(resolution) -> None:
+    """``model.resolution`` (when the model has one): an integer in (0, MAX_RESOLUTION]; whether the
+    VAE's factor divides it is the model's to check."""
+    if resolution is None:
+        return
+    if isinstance(resolution, bool) or not isinstance(resolution, int):
+        raise ConfigError(f"model.resolution must be an integer, the image side in pixels (got {resolution!r})")
+    if not 0 < resolution <= MAX_RESOLUTION:
+        raise ConfigError(f"model.resolution must be in (0, {MAX_RESOLUTION}] pixels (got {resolution})")
+
+
 def run_config(cfg: DictConfig) -> RunConfig:
     """The typed, plain-Python part of the config that the loop reads."""
-    data = OmegaConf.to_container(cfg, resolve=True)
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as exc:  # ${nosuch}
+        detail = str(exc).splitlines()[0]
+        raise ConfigError(f"{exc.full_key}: cannot resolve its interpolation ({detail})") from None
     for group in ("model", "pipeline", "algorithm", "reward", "prompt", "logger"):
         data.pop(group, None)
     data.pop("experiment", None)
@@ -335,7 +357,10 @@ def run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(
             f"unknown config key {exc.full_key!r} (check its spelling; python train.py --cfg job lists every key)"
         ) from None
-    return OmegaConf.to_object(merged)
+    try:
+        return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as exc:  # ~key, or a ??? that no preset filled in
+        raise ConfigError(f"{exc.full_key} is mandatory and has no value (set {exc.full_key}=...)") from None
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -405,6 +430,7 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     from ddpo.pipelines.fit import check_fit
 
     check_fit(cfg)  # model=sdxl pipeline=ddim stops here, before any weight is loaded
+    check_resolution(cfg.model.get("resolution"))
 
     import torch
 
@@ -423,6 +449,14 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
 
         os.makedirs(run_dir, exist_ok=True)
         run_lock = RunLock(run_dir).acquire()  # before anything (trackers included) writes into the directory
+    from ddpo.config_history import RunRecord
+    from ddpo.trainer import check_resume, plan_resume
+
+    # a changed config (or a resume_from with nothing left to train) is refused before the model is built
+    record = RunRecord(OmegaConf.to_container(cfg, resolve=True), run_dir, is_main=accelerator.is_main_process)
+    record.resume_with_changes = run.resume_with_changes
+    resume = plan_resume(run_dir, run.resume_from)
+    check_resume(resume, record, run.num_epochs)
     prompt_fn = _instantiate(cfg.prompt, "the prompt set (prompt=...)")
     reward_fn = _instantiate(cfg.reward, "the reward (reward=...)")
     if hasattr(reward_fn, "to"):
@@ -500,6 +534,8 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
         plan=plan,
         run_lock=run_lock,
         evaluator=evaluator,
+        record=record,
+        resume=resume,
     )
 
 
@@ -588,6 +624,7 @@ def main(cfg: DictConfig) -> float | None:
     A ``DDPOError`` (bad value, missing file, failing reward, unloadable model) ends the process
     with its one-line message and exit status 1, without a traceback.
     """
+    import logging
     import sys
 
     from hydra.core.hydra_config import HydraConfig
@@ -596,6 +633,9 @@ def main(cfg: DictConfig) -> float | None:
     from ddpo.errors import DDPOError, Interrupted
     from ddpo.resources import limit_threads
 
+    # a log file that cannot be written (a full disk) must not print a traceback per record: the
+    # error that stops the run says what happened, on stderr
+    logging.raiseExceptions = False
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     reward_name = hydra_cfg.runtime.choices.get("reward", "reward")

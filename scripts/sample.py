@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ddpo import config  # noqa: E402 (after the path set-up above; imports neither torch nor diffusers)
 
 # the model loaders a run's config may name; anything else is refused (a config is data, not code)
 KNOWN_LOADERS = {
@@ -35,9 +36,7 @@ KNOWN_LOADERS = {
 }
 FLOW_PIPELINE = "ddpo.pipelines.FlowMatchingDDPOPipeline"  # runs are sampled with diffusers' SD3 pipeline (ODE)
 SEED_LIMIT = 2**63  # seeds are 63-bit, as the run's own (ddpo/seeds.py); torch.Generator takes them all
-# the largest image side sampled here: 4x SDXL's 1024; model.resolution=100000 would ask for a 10 GB latent
-# (and a 120 GB image) before the model could refuse it
-MAX_RESOLUTION = 4096
+MAX_RESOLUTION = config.MAX_RESOLUTION  # the training config's limit on the image side (ddpo/config.py)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # what the grid is written as (PIL, by the extension)
 # the sampler's settings in the run's config: DDIM as the run samples, the ODE as a flow run evaluates
 DDIM_SAMPLER = {

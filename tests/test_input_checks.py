@@ -267,3 +267,19 @@ def test_hydra_full_error_still_gives_the_full_trace(tmp_path):
     result = run_app(["num_epochs=abc"], tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "Error merging override num_epochs=abc" in result.stderr
+
+
+# -- values the schema cannot type: deleted, unresolvable, or too big to allocate ------------------------
+@pytest.mark.parametrize(
+    "override, start",
+    [
+        ("~seed", "error: seed is mandatory and has no value (set seed=...)"),
+        ("num_epochs=${nosuch}", "error: num_epochs: cannot resolve its interpolation"),
+        ("model.resolution=100000", "error: model.resolution must be in (0, 4096] pixels (got 100000)"),
+        ("model.resolution=abc", "error: model.resolution must be an integer"),
+    ],
+)
+def test_values_that_cannot_be_used_end_the_run_in_one_line(override, start, tmp_path):
+    result = run_app([*TINY, override], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(start), result.stderr[-3000:]

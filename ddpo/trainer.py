@@ -43,6 +43,7 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "ddpo_state.json"
 MAX_STATE_BYTES = 64 << 20  # a loop state is KBs (per-prompt statistics: 16 numbers a prompt)
 REWARD_POLL_S = 0.2  # how often the loop, waiting for a reward, looks at signals
+SHUTDOWN_JOIN_S = 10.0  # at most this long for an idle reward thread to end when the run ends
 
 
 class RewardError(DDPOError):
@@ -135,6 +136,7 @@ class RewardWorker:
 
     def __init__(self, device):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._busy = threading.Event()  # set while a call runs
         one_thread = torch.device(device).type == "cpu"
         self._thread = threading.Thread(target=self._work, args=(one_thread,), name="reward", daemon=True)
         self._thread.start()
@@ -146,10 +148,13 @@ class RewardWorker:
             future, fn, args = item
             if not future.set_running_or_notify_cancel():
                 continue
+            self._busy.set()
             try:
                 future.set_result(fn(*args))
             except BaseException as exc:  # handed to the loop, which decides
                 future.set_exception(exc)
+            finally:
+                self._busy.clear()
 
     def submit(self, fn: Callable, *args) -> Future:
         future: Future = Future()
@@ -157,8 +162,19 @@ class RewardWorker:
         return future
 
     def shutdown(self) -> None:
-        """Stop after the call in progress (if any); calls still queued never start."""
+        """Stop after the call in progress (if any); calls still queued never start.
+
+        An idle thread is joined: one still ending while the interpreter exits may meet torch's C++
+        state torn down under it ("terminate called without an active exception", SIGABRT). A thread
+        inside a call (a reward that hangs) is left to the daemon rule, so that the run can stop.
+        """
         self._queue.put(None)
+        if not self._busy.is_set():
+            self._thread.join(timeout=SHUTDOWN_JOIN_S)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
 
 reward_executor = RewardWorker
@@ -599,7 +615,11 @@ def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
     root = os.path.join(comps.run_dir, CHECKPOINT_DIR)
     final = os.path.join(root, f"checkpoint_{state.epochs_completed:05d}")
     tmp = final + ".partial"
-    try:
+    full = (
+        f"the disk is full: the checkpoint of epoch {state.epochs_completed} could not be written to {tmp} "
+        "(removed; older checkpoints and metrics.jsonl are intact). Free space and rerun the same command to resume"
+    )
+    with stop_on_full_disk(tmp, full):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -611,15 +631,6 @@ def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
                 json.dump(state.state_dict(), handle)
             if comps.record is not None:
                 comps.record.save(tmp)
-    except Exception as exc:
-        if not disk_full(exc, tmp):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DDPOError(
-            f"the disk is full: the checkpoint of epoch {state.epochs_completed} could not be written to "
-            f"{tmp} (removed; older checkpoints and metrics.jsonl are intact). Free space and rerun the "
-            "same command to resume"
-        ) from None
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -628,6 +639,18 @@ def save_checkpoint(comps: Components, run, state: TrainingState) -> str:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def stop_on_full_disk(tmp: str, message: str):
+    """Write into ``tmp`` inside this block; on a full disk remove ``tmp`` and stop with ``message``."""
+    try:
+        yield
+    except Exception as exc:
+        if not disk_full(exc, tmp):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DDPOError(message) from None
 
 
 DISK_NEARLY_FULL = 1 << 20  # bytes: a write that fails with less free than this failed for want of space
@@ -681,17 +704,13 @@ def write_final(pipeline: DDPOPipeline, final_dir: str) -> list[str]:
     """
     tmp = final_dir + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    full = (
+        f"the disk is full: the trained weights could not be written to {final_dir} (the partial copy is removed; "
+        "the last checkpoint holds the same weights). Free space and rerun the same command: it writes final/ "
+        "from the last checkpoint"
+    )
+    with stop_on_full_disk(tmp, full):
         files = pipeline.export(tmp)
-    except Exception as exc:
-        if not disk_full(exc, tmp):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DDPOError(
-            f"the disk is full: the trained weights could not be written to {final_dir} (the partial copy is "
-            "removed; the last checkpoint holds the same weights). Free space and rerun the same command: it "
-            "writes final/ from the last checkpoint"
-        ) from None
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp, final_dir)
     return [final_dir + f[len(tmp) :] for f in files]

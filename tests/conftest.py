@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,49 @@ def run_cli(run_dir, overrides=(), env=None, timeout=600):
         text=True,
         timeout=timeout,
     )
+
+
+def start_cli(run_dir, overrides=(), env=None):
+    """``python train.py ... hydra.run.dir=<run_dir>`` started in the background (to signal it).
+
+    The child gets the default SIGINT disposition, as in a terminal: a shell starts background jobs
+    (``pytest ... &``) with SIGINT ignored, which the child would inherit and Ctrl-C tests could not signal.
+    """
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
+
+
+def default_sigint() -> None:
+    """In a child before exec: SIGINT as a terminal gives it (Python then raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"ddpo_{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the run's model loader is called (a check must come first)."""
+    import ddpo.models
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the check")
+
+    monkeypatch.setattr(ddpo.models, "tiny_model", built)
 
 
 def read_metrics(run_dir):

@@ -1,6 +1,5 @@
 """scripts/export.py: a run becomes a Hub-ready folder that diffusers loads, with a card of the run's real numbers."""
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -10,21 +9,14 @@ from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 
 from ddpo.models.tiny import build_tiny_pipeline
-from tests.conftest import ROOT, TINY, read_metrics, run_cli
+from tests.conftest import ROOT, TINY, load_script, read_metrics, run_cli
 from tests.test_lora_export import unet_output
 
 SCRIPT = ROOT / "scripts" / "export.py"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("ddpo_export_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export = load_script()
+export = load_script("export")
 
 
 def export_error(*argv) -> str:

@@ -229,17 +229,6 @@ def test_out_a_link_or_under_a_file_is_one_line(full_run, tmp_path, no_sampling)
 
 
 # -- sampling arguments, checked before a model is built -----------------------------------------
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if the run's model loader is called (the check must come first)."""
-    import ddpo.models
-
-    def built(*args, **kwargs):
-        raise AssertionError("the model was built before the check")
-
-    monkeypatch.setattr(ddpo.models, "tiny_model", built)
-
-
 @pytest.mark.parametrize(
     "argv, words",
     [

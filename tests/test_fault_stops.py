@@ -6,14 +6,13 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from ddpo.errors import DDPOError
-from tests.conftest import ROOT, TINY, read_metrics, run_cli, run_in_process
+from tests.conftest import TINY, read_metrics, run_cli, run_in_process, start_cli
 
 HANG = "reward._target_=tests.fixtures.bad_rewards.HangOnCall"
 FILL = "reward._target_=tests.fixtures.bad_rewards.FillDiskOnCall"
@@ -29,24 +28,9 @@ FILL = "reward._target_=tests.fixtures.bad_rewards.FillDiskOnCall"
 def test_a_signal_stops_a_run_whose_reward_never_returns(tmp_path, signum, code, words):
     run_dir, marker = tmp_path / "run", tmp_path / "hanging"
     grace = 4
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        *TINY,
-        HANG,
-        "+reward.hang_on_call=2",  # the first batch of epoch 1
-        f"+reward.marker={marker}",
-        f"preemption_grace_s={grace}",
-        f"hydra.run.dir={run_dir}",
-    ]
-    process = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # the first batch of epoch 1 hangs
+    hanging = [*TINY, HANG, "+reward.hang_on_call=2", f"+reward.marker={marker}", f"preemption_grace_s={grace}"]
+    process = start_cli(run_dir, hanging)
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() and time.monotonic() < deadline and process.poll() is None:
@@ -147,3 +131,27 @@ def test_a_full_disk_while_writing_final_is_one_line_anywhere(tmp_path, monkeypa
         run_in_process(tmp_path, TINY)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "final").exists() and not (tmp_path / "final.partial").exists()
+
+
+def test_the_reward_thread_ends_with_the_run_unless_a_call_hangs():
+    """An idle reward thread is joined when the run ends (one still ending while the interpreter exits
+    can abort the process in torch's C++ teardown); one inside a hung call does not hold the run."""
+    import threading
+
+    from ddpo.trainer import RewardWorker
+
+    idle = RewardWorker("cpu")
+    assert idle.submit(sum, [1, 2]).result(timeout=10) == 3
+    idle.shutdown()
+    assert not idle.alive
+
+    release = threading.Event()
+    hung = RewardWorker("cpu")
+    future = hung.submit(release.wait)
+    while not future.running():
+        time.sleep(0.01)
+    started = time.monotonic()
+    hung.shutdown()
+    assert time.monotonic() - started < 1 and hung.alive
+    release.set()
+    assert future.result(timeout=10) is True

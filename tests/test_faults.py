@@ -59,10 +59,9 @@ import pickle  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
-from tests.conftest import ROOT, TINY, read_metrics, run_cli, run_in_process  # noqa: E402
+from tests.conftest import TINY, read_metrics, run_cli, run_in_process, start_cli  # noqa: E402
 
 CHECKPOINTS = "checkpoints"
 
@@ -220,15 +219,7 @@ def test_diverging_training_stops_before_saving_nan_weights(tmp_path):
 )
 def test_ctrl_c_and_sigterm_end_in_one_line_and_resume(tmp_path, signum, code, words):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "num_epochs=200", f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli(run_dir, [*TINY, "num_epochs=200"])
     try:
         deadline = time.monotonic() + 120
         while not checkpoint(run_dir, 2).is_dir() and time.monotonic() < deadline and process.poll() is None:

@@ -1,6 +1,5 @@
 """scripts/sample.py: every argument and run setting it cannot use ends in one line, before a model is built."""
 
-import importlib.util
 import os
 import resource
 import subprocess
@@ -9,19 +8,11 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 from tests.test_export_safety import make_run
 from tests.test_sample_script import SCRIPT, assert_one_line_error
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("ddpo_sample_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample_script = load_script()
+sample_script = load_script("sample")
 
 
 def sample_error(*argv) -> str:
@@ -55,17 +46,6 @@ def with_settings(run, tmp_path, **settings):
             node[name] = value
     OmegaConf.save(cfg, config)
     return copy
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if the run's model loader is called (the check must come first)."""
-    import ddpo.models
-
-    def built(*args, **kwargs):
-        raise AssertionError("the model was built before the check")
-
-    monkeypatch.setattr(ddpo.models, "tiny_model", built)
 
 
 @pytest.mark.parametrize(

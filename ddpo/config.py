@@ -97,6 +97,7 @@ class Config(RunConfig):
     reward: Any = MISSING
     prompt: Any = MISSING
     logger: Any = MISSING
+    optimizer: Any = None  # a partial (params -> optimizer); None: AdamW from train.*
 
 
 def register_configs() -> None:
@@ -348,7 +349,7 @@ def run_config(cfg: DictConfig) -> RunConfig:
     except InterpolationResolutionError as exc:  # ${nosuch}
         detail = str(exc).splitlines()[0]
         raise ConfigError(f"{exc.full_key}: cannot resolve its interpolation ({detail})") from None
-    for group in ("model", "pipeline", "algorithm", "reward", "prompt", "logger"):
+    for group in ("model", "pipeline", "algorithm", "reward", "prompt", "logger", "optimizer"):
         data.pop(group, None)
     data.pop("experiment", None)
     try:
@@ -449,8 +450,8 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
 
         os.makedirs(run_dir, exist_ok=True)
         run_lock = RunLock(run_dir).acquire()  # before anything (trackers included) writes into the directory
+    from ddpo.checkpointing import check_resume, plan_resume
     from ddpo.config_history import RunRecord
-    from ddpo.trainer import check_resume, plan_resume
 
     # a changed config (or a resume_from with nothing left to train) is refused before the model is built
     record = RunRecord(OmegaConf.to_container(cfg, resolve=True), run_dir, is_main=accelerator.is_main_process)
@@ -496,6 +497,9 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     if stored_steps is not None:  # only some steps are transitions (an SDE or train window, branched chains)
         plan = plan_batches(run, accelerator.num_processes, stored_steps)
     evaluator = build_evaluator(cfg, run, prompt_fn, {reward_name: reward_fn}, accelerator.device)
+    optimizer = _instantiate(cfg.optimizer, "the optimizer (optimizer)") if cfg.get("optimizer") else None
+    if optimizer is not None and not callable(optimizer):
+        raise ConfigError("optimizer must build an optimizer from the trained parameters: set optimizer._partial_=true")
     hook_cfg = logger_cfg.get("image_hook")
     image_hook = _instantiate(hook_cfg, "the image hook (logger.image_hook)") if hook_cfg else None
 
@@ -536,6 +540,7 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
         evaluator=evaluator,
         record=record,
         resume=resume,
+        optimizer=optimizer,
     )
 
 

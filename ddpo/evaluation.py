@@ -58,7 +58,7 @@ def generate(pipeline, pairs: list[tuple[int, str, int]], batch_size: int) -> to
 
 def score(images: torch.Tensor, prompts: list[str], rewards: dict, batch_size: int) -> dict[str, np.ndarray]:
     """Every reward's value and info entries for every image."""
-    from ddpo.trainer import check_reward_output
+    from ddpo.reward_calls import check_reward_output
 
     scores: dict[str, list] = {}
     for name, reward in rewards.items():

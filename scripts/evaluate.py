@@ -88,7 +88,7 @@ def compose(overrides: list[str]):
 
 def locate(path: str) -> tuple[str, str]:
     """(run directory, checkpoint directory with the trained weights) of a run or checkpoint directory."""
-    from ddpo.trainer import STATE_FILE, list_checkpoints
+    from ddpo.checkpointing import STATE_FILE, list_checkpoints
 
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(os.path.join(path, STATE_FILE)):

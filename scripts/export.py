@@ -147,7 +147,7 @@ def run_is_training(run_dir: str) -> str | None:
 
 def locate(path: str, checkpoint: str | None) -> Source:
     """The run and the weights to export, or a one-line error saying what is missing."""
-    from ddpo.trainer import STATE_FILE, list_checkpoints, read_state
+    from ddpo.checkpointing import STATE_FILE, list_checkpoints, read_state
 
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):

@@ -180,7 +180,7 @@ def check_fits(pipe, cfg, config_file: str) -> None:
 # -- the run, the models -------------------------------------------------------------------------------
 def locate(path: str) -> tuple[str, str]:
     """(run directory, directory of the trained weights) from a run or a checkpoint directory."""
-    from ddpo.trainer import STATE_FILE
+    from ddpo.checkpointing import STATE_FILE
 
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):

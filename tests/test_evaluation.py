@@ -160,7 +160,7 @@ def test_evaluate_refuses_code_in_a_run_config(tmp_path):
 
 
 def test_reward_info_means_leave_out_what_does_not_apply():
-    from ddpo.trainer import finite_mean
+    from ddpo.reward_calls import finite_mean
 
     assert finite_mean(np.array([1.0, math.nan, 0.0])) == 0.5  # before: NaN, written as null
     assert finite_mean(np.array([math.nan, math.nan])) is None

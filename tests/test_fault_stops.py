@@ -138,7 +138,7 @@ def test_the_reward_thread_ends_with_the_run_unless_a_call_hangs():
     can abort the process in torch's C++ teardown); one inside a hung call does not hold the run."""
     import threading
 
-    from ddpo.trainer import RewardWorker
+    from ddpo.reward_calls import RewardWorker
 
     idle = RewardWorker("cpu")
     assert idle.submit(sum, [1, 2]).result(timeout=10) == 3

@@ -290,7 +290,7 @@ def test_collect_reward_passes_project_errors_through_and_names_foreign_ones():
     from concurrent.futures import Future
 
     from ddpo.errors import ConfigError
-    from ddpo.trainer import RewardError, collect_reward
+    from ddpo.reward_calls import RewardError, collect_reward
     from rewards.remote import RemoteRewardError
 
     def failed(exc: BaseException) -> Future:

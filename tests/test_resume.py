@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpo.trainer import TrainingState
+from ddpo.checkpointing import TrainingState
 from tests.conftest import TINY, read_metrics, run_in_process
 from tests.fixtures.bad_rewards import SimulatedKill
 

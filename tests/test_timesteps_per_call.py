@@ -5,8 +5,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from ddpo.checkpointing import TrainingState
 from ddpo.config import build
-from ddpo.trainer import TrainingState, compute_advantages, sample_epoch, train_epoch
+from ddpo.trainer import compute_advantages, sample_epoch, train_epoch
 from tests.conftest import TINY, compose
 
 BASE = TINY + ["use_lora=false", "sample.num_steps=3", "per_prompt_stat_tracking.enabled=false"]

@@ -1,7 +1,7 @@
 """RL algorithms: one module each, selected by ``conf/algorithm/<name>.yaml``."""
 
-from ddpo.algorithms.base import Algorithm, gaussian_kl
+from ddpo.algorithms.base import FINAL, TRANSITIONS, Algorithm, PolicyGradient, gaussian_kl
 from ddpo.algorithms.ddpo import DDPO
 from ddpo.algorithms.grpo import GRPO
 
-__all__ = ["Algorithm", "DDPO", "GRPO", "gaussian_kl"]
+__all__ = ["Algorithm", "DDPO", "FINAL", "GRPO", "PolicyGradient", "TRANSITIONS", "gaussian_kl"]

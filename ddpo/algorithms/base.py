@@ -1,15 +1,21 @@
-"""The interface the loop needs from an RL algorithm, and the PPO loss the algorithms here share.
+"""The interface the loop needs from an RL algorithm, and the PPO loss the policy-gradient ones share.
 
-An algorithm decides three things and nothing else:
+An algorithm decides, and the loop asks it:
 
 - how an epoch's samples get their prompts and noise (``sample_seeds``): one prompt per sample,
   or groups of samples sharing a prompt;
+- which kind of rollout it trains on (``rollout``): ``"transitions"`` (every step's latents and
+  log probability, for policy gradients) or ``"final"`` (the clean sample and its conditioning
+  only, for forward-process methods); the pipeline fills it;
 - how advantages follow from the rewards of the whole epoch, gathered from every process in the
   order of the samples' global index (``advantages``);
-- the loss of a batch of stored transitions (``loss``), given the pipeline that scores them.
+- the loss of a training batch (``loss``), given the pipeline that scores it;
+- what happens at the end of an epoch (``end_epoch``: an old policy or an EMA moves), and what the
+  epoch's log line shows (``summary``).
 
-It knows rewards, prompts and log probabilities, never a model family. A new algorithm is one
-module (a subclass of ``Algorithm``) and one YAML file in ``conf/algorithm/`` naming it.
+It knows rewards, prompts, log probabilities or predictions, never a model family. A new algorithm
+is one module (a subclass of ``Algorithm``, or of ``PolicyGradient`` for a PPO-style one) and one
+YAML file in ``conf/algorithm/`` naming it.
 """
 
 from __future__ import annotations
@@ -22,30 +28,14 @@ import torch
 from ddpo.errors import ConfigError
 from ddpo.seeds import derived_seed, sample_seed
 
+TRANSITIONS, FINAL = "transitions", "final"  # the kinds of rollout (ddpo.pipelines.base)
+
 
 class Algorithm(ABC):
-    """PPO with clipped importance ratios on log probabilities of stored transitions, plus an optional
-    KL penalty to the reference model (the base model before training).
+    """What every algorithm answers; the defaults are one prompt and one noise per sample."""
 
-    Args:
-        clip_range: PPO ratio clip range (log probs are per-element means, hence DDPO's 1e-4).
-        adv_clip_max: advantages are clipped to [-adv_clip_max, adv_clip_max].
-        kl_coef: weight of KL(policy || reference) per transition in the loss; 0 disables it.
-        track_kl_ref: compute and log ``kl_ref`` even when ``kl_coef`` is 0 (one extra forward pass
-            of the reference per training call).
-    """
-
-    def __init__(self, clip_range: float, adv_clip_max: float, kl_coef: float = 0.0, track_kl_ref: bool = False):
-        if not clip_range > 0:
-            raise ConfigError(f"train.clip_range must be > 0 (got {clip_range})")
-        if not adv_clip_max > 0:
-            raise ConfigError(f"train.adv_clip_max must be > 0 (got {adv_clip_max})")
-        if not kl_coef >= 0:
-            raise ConfigError(f"algorithm.kl_coef must be >= 0 (got {kl_coef})")
-        self.clip_range = clip_range
-        self.adv_clip_max = adv_clip_max
-        self.kl_coef = kl_coef
-        self.track_kl_ref = track_kl_ref
+    rollout: str = TRANSITIONS  # which rollout the pipeline fills for it
+    needs_old_policy: bool = False  # the pipeline keeps a second, slowly moving copy of the trained weights
 
     # -- sampling ---------------------------------------------------------------------------------
     def sample_seeds(self, seed: int, epoch: int, index: int) -> tuple[int, int]:
@@ -78,7 +68,65 @@ class Algorithm(ABC):
         """What the start-up line says about how the epoch's samples are drawn."""
         return f"{samples_per_epoch} prompts drawn independently"
 
-    # -- advantages -------------------------------------------------------------------------------
+    # -- advantages and the loss ------------------------------------------------------------------
+    @abstractmethod
+    def advantages(self, rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
+        """Advantages of the whole epoch's samples (global index order)."""
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss reads the reference policy (the base model before training)."""
+        return False
+
+    @abstractmethod
+    def loss(self, pipeline, batch: dict[str, torch.Tensor], advantages: torch.Tensor):
+        """(loss, diagnostics) of a training batch: what ``rollout.transitions(rows, steps)`` returned."""
+
+    def end_epoch(self, pipeline, global_step: int) -> None:
+        """After the epoch's last optimizer step (an old policy or EMA moves here)."""
+
+    def summary(self, record: dict) -> str:
+        """The algorithm's part of the epoch's log line, from the epoch's metrics record."""
+        return f"loss {record['loss']:.3g}"
+
+    # -- state (checkpointed as JSON) ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def stats(self) -> dict[str, float]:
+        """Extra numbers for the epoch's metrics record."""
+        return {}
+
+
+class PolicyGradient(Algorithm):
+    """PPO with clipped importance ratios on log probabilities of stored transitions, plus an optional
+    KL penalty to the reference model (the base model before training).
+
+    Args:
+        clip_range: PPO ratio clip range (log probs are per-element means, hence DDPO's 1e-4).
+        adv_clip_max: advantages are clipped to [-adv_clip_max, adv_clip_max].
+        kl_coef: weight of KL(policy || reference) per transition in the loss; 0 disables it.
+        track_kl_ref: compute and log ``kl_ref`` even when ``kl_coef`` is 0 (one extra forward pass
+            of the reference per training call).
+    """
+
+    rollout = TRANSITIONS
+
+    def __init__(self, clip_range: float, adv_clip_max: float, kl_coef: float = 0.0, track_kl_ref: bool = False):
+        if not clip_range > 0:
+            raise ConfigError(f"train.clip_range must be > 0 (got {clip_range})")
+        if not adv_clip_max > 0:
+            raise ConfigError(f"train.adv_clip_max must be > 0 (got {adv_clip_max})")
+        if not kl_coef >= 0:
+            raise ConfigError(f"algorithm.kl_coef must be >= 0 (got {kl_coef})")
+        self.clip_range = clip_range
+        self.adv_clip_max = adv_clip_max
+        self.kl_coef = kl_coef
+        self.track_kl_ref = track_kl_ref
+
     @abstractmethod
     def raw_advantages(self, rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
         """Advantages of the whole epoch's samples (global index order), before clipping."""
@@ -86,7 +134,6 @@ class Algorithm(ABC):
     def advantages(self, rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
         return np.clip(self.raw_advantages(rewards, prompts), -self.adv_clip_max, self.adv_clip_max)
 
-    # -- the loss ---------------------------------------------------------------------------------
     @property
     def needs_reference(self) -> bool:
         return self.kl_coef > 0 or self.track_kl_ref
@@ -117,16 +164,8 @@ class Algorithm(ABC):
             )
         return loss, stats
 
-    # -- state (checkpointed as JSON) ---------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def stats(self) -> dict[str, float]:
-        """Extra numbers for the epoch's metrics record."""
-        return {}
+    def summary(self, record: dict) -> str:
+        return f"loss {record['loss']:.3g}  kl {record['approx_kl']:.2g}  clipfrac {record['clipfrac']:.3f}"
 
 
 def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

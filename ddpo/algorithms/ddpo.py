@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddpo.algorithms.base import Algorithm
+from ddpo.algorithms.base import PolicyGradient
 from ddpo.stat_tracking import PerPromptStatTracker, global_advantages
 
 
-class DDPO(Algorithm):
+class DDPO(PolicyGradient):
     """DDPO-IS: PPO on each sample's advantage, normalised by the recent rewards of its prompt
     (``per_prompt_stat_tracking``, as in ddpo-pytorch) or over the whole epoch.
 

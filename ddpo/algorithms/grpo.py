@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddpo.algorithms.base import Algorithm
+from ddpo.algorithms.base import PolicyGradient
 from ddpo.errors import ConfigError
 from ddpo.seeds import derived_seed, group_seed, sample_seed
 
 
-class GRPO(Algorithm):
+class GRPO(PolicyGradient):
     """Args:
     group_size: samples per prompt in every epoch (>= 2).
     scale_by_std: divide by the group's std (GRPO); false keeps only the mean baseline (Dr. GRPO).

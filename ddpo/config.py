@@ -483,7 +483,14 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
             f"sample.num_steps={run.sample.num_steps} exceeds the scheduler's "
             f"{pipeline.max_num_steps} training timesteps"
         )
-    stored_steps = pipeline.stored_steps
+    from ddpo.algorithms import FINAL
+
+    # a forward-process algorithm trains each final sample at the sampler's steps; windows choose transitions
+    stored_steps = pipeline.stored_steps if algorithm.rollout != FINAL else None
+    if algorithm.rollout == FINAL and pipeline.forward_process is None:
+        raise ConfigError(
+            f"{type(pipeline).__name__} has no forward process: algorithm={type(algorithm).__name__} cannot train it"
+        )
     if algorithm.stored_steps is not None:  # the algorithm decides the transitions (branched chains)
         if not pipeline.supports_branching:
             raise ConfigError(f"{type(pipeline).__name__} cannot branch chains (algorithm.branch_window)")

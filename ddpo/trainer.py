@@ -131,7 +131,7 @@ def sample_epoch(
             noise["shared_generator"] = [torch.Generator(device=accelerator.device).manual_seed(x) for x in shared]
         if any(k is not None for k in branch):
             noise["branch_steps"] = branch
-        batch = pipeline.sample(pipeline.encode_prompts(prompts), generator=generator, **noise)
+        batch = pipeline.fill(algorithm.rollout, pipeline.encode_prompts(prompts), generator, **noise)
         futures.append(executor.submit(timed_call, comps.reward_fn, batch.images, prompts, metadata))
         batches.append(batch)
         prompts_all.extend(prompts)
@@ -205,7 +205,7 @@ def train_epoch(
     t, plan = run.train, comps.plan
     accelerator, pipeline, algorithm = comps.accelerator, comps.pipeline, comps.algorithm
     device = accelerator.device
-    n, num_steps = samples.log_probs.shape
+    n, num_steps = len(samples), samples.num_steps
     trained = plan.trained_timesteps
     generator = torch.Generator().manual_seed(shuffle_seed(run.seed, epoch, accelerator.process_index))
     totals: dict[str, list] = {"loss": [], "grad_norm": []}

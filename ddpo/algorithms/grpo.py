@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from ddpo.algorithms.base import PolicyGradient
+from ddpo.algorithms.groups import PromptGroups
 from ddpo.errors import ConfigError
-from ddpo.seeds import derived_seed, group_seed, sample_seed
+from ddpo.seeds import derived_seed, group_seed
 
 
-class GRPO(PolicyGradient):
+class GRPO(PromptGroups, PolicyGradient):
     """Args:
     group_size: samples per prompt in every epoch (>= 2).
     scale_by_std: divide by the group's std (GRPO); false keeps only the mean baseline (Dr. GRPO).
@@ -44,11 +45,9 @@ class GRPO(PolicyGradient):
         track_kl_ref: bool = False,
     ):
         super().__init__(clip_range, adv_clip_max, kl_coef, track_kl_ref)
-        if group_size < 2:
-            raise ConfigError(f"algorithm.group_size must be >= 2 (got {group_size}): a group of one has no baseline")
+        self.group_size = self.check_group_size(group_size)
         if not eps > 0:
             raise ConfigError(f"algorithm.eps must be > 0 (got {eps})")
-        self.group_size = group_size
         self.scale_by_std = scale_by_std
         self.eps = eps
         self.shared_noise = shared_noise
@@ -60,10 +59,6 @@ class GRPO(PolicyGradient):
                     f"algorithm.branch_window must be [start, end) with 0 <= start < end (got {list(branch_window)})"
                 )
             self.branch_window = window
-
-    def sample_seeds(self, seed: int, epoch: int, index: int) -> tuple[int, int]:
-        group = group_seed(seed, epoch, index // self.group_size)
-        return derived_seed(group, 1), derived_seed(sample_seed(seed, epoch, index), 2)
 
     def shared_noise_seed(self, seed: int, epoch: int, index: int) -> int | None:
         if not (self.shared_noise or self.branch_window):
@@ -87,13 +82,6 @@ class GRPO(PolicyGradient):
                 f"sample.num_steps={num_steps} steps"
             )
 
-    def check_plan(self, samples_per_epoch: int) -> None:
-        if samples_per_epoch % self.group_size:
-            raise ConfigError(
-                f"algorithm.group_size={self.group_size} does not divide the {samples_per_epoch} samples per epoch "
-                "(processes x sample.num_batches_per_epoch x sample.batch_size)"
-            )
-
     def describe(self, samples_per_epoch: int) -> str:
         described = f"{samples_per_epoch // self.group_size} prompts x {self.group_size} samples (GRPO groups)"
         if self.branch_window:
@@ -101,11 +89,7 @@ class GRPO(PolicyGradient):
         return described
 
     def raw_advantages(self, rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
-        rewards = np.asarray(rewards, dtype=np.float64)
-        groups = rewards.reshape(-1, self.group_size)
-        grouped_prompts = [prompts[i : i + self.group_size] for i in range(0, len(prompts), self.group_size)]
-        if any(len(set(g)) != 1 for g in grouped_prompts):  # the sampling and the gather order disagree
-            raise RuntimeError("a GRPO group holds different prompts: samples were not gathered in index order")
+        groups = self.grouped(rewards, prompts)
         centred = groups - groups.mean(axis=1, keepdims=True)
         if self.scale_by_std:
             centred = centred / (groups.std(axis=1, keepdims=True) + self.eps)

@@ -14,6 +14,8 @@ import torch
 from ddpo.errors import ConfigError, WeightsMismatch
 
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # the trained tensors under their own names
+OLD_POLICY_FILE = "old_policy.safetensors"  # the old policy's weights (forward-process algorithms), by the same names
+TRANSITIONS, FINAL = "transitions", "final"  # the kinds of rollout an algorithm asks for (Algorithm.rollout)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # mixed_precision -> frozen dtype
 
 
@@ -48,6 +50,10 @@ class Rollout:
     transition under the sampling policy. The loop moves, shuffles and gathers these without knowing
     what they are; ``transitions`` flattens a choice of (sample, step) pairs into what ``log_prob``
     reads.
+
+    A rollout of final samples (``FINAL``: forward-process algorithms) stores nothing per step but an
+    index: ``conditioning`` holds the clean latents (``x0``) beside the text conditioning, and
+    ``steps`` only ``step_index`` (B, T), the forward process's T training timesteps of each sample.
     """
 
     conditioning: dict[str, torch.Tensor]
@@ -57,6 +63,11 @@ class Rollout:
     @property
     def log_probs(self) -> torch.Tensor:
         return self.steps["log_probs"]
+
+    @property
+    def num_steps(self) -> int:
+        """Trainable steps per sample: stored transitions, or the forward process's timesteps (final samples)."""
+        return next(iter(self.steps.values())).shape[1]
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -121,6 +132,62 @@ class DDPOPipeline(ABC):
         ``transitions`` is what ``Rollout.transitions`` returns: one row per transition, which may
         come from different steps of the chain. The policy is evaluated exactly as in sampling.
         """
+
+    def fill(self, kind: str, conditioning, generator, **noise) -> Rollout:
+        """The rollout an algorithm asks for: ``TRANSITIONS`` (``sample``) or ``FINAL`` (``sample_final``)."""
+        if kind == FINAL:
+            return self.sample_final(conditioning, generator)
+        return self.sample(conditioning, generator, **noise)
+
+    def sample_final(self, conditioning: dict[str, torch.Tensor], generator: list[torch.Generator]) -> Rollout:
+        """Sample with the collection sampler (``pipeline.sampler``: any, no log probabilities) and keep
+        the clean latents and the conditioning only (a ``FINAL`` rollout)."""
+        raise NotImplementedError(f"{type(self).__name__} has no forward process (forward-process algorithms)")
+
+    # -- the forward process (forward-process algorithms: DiffusionNFT, AWM) --------------------------
+    forward_process = None  # ddpo.schedulers.forward: EpsilonProcess or FlowProcess
+
+    def forward_times(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the forward process's times, the network's timesteps) of the training steps, indexed by ``step_index``."""
+        raise NotImplementedError(f"{type(self).__name__} has no forward process")
+
+    def network_output(self, x_t: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The denoiser's raw output (epsilon, v or velocity) at (x_t, t), with gradients, without guidance."""
+        raise NotImplementedError(f"{type(self).__name__} has no forward process")
+
+    def noised(self, x0: torch.Tensor, step_index: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t of clean latents ``x0`` at training steps ``step_index`` with ``noise``."""
+        times, _ = self.forward_times()
+        return self.forward_process.noise(x0.float(), noise.float(), times[step_index])
+
+    def predict_x0(self, x_t: torch.Tensor, step_index: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The clean latent the policy in effect (trained, ``old_policy()``, ``reference()``) predicts from x_t."""
+        times, timesteps = self.forward_times()
+        output = self.network_output(x_t, timesteps[step_index], conditioning)
+        return self.forward_process.x0(output.float(), x_t, times[step_index])
+
+    # -- the old policy (a slowly moving copy of the trained weights) --------------------------------
+    _old_policy = None
+
+    def keep_old_policy(self) -> None:
+        """Called before training when the algorithm keeps an old policy: it starts as the trained weights."""
+        from ddpo.policies import ShadowWeights
+
+        if self._old_policy is None:
+            named = self.trainable_module().named_parameters()
+            self._old_policy = ShadowWeights({name: p for name, p in named if p.requires_grad})
+
+    @contextlib.contextmanager
+    def old_policy(self):
+        """Within this context the pipeline is the old policy."""
+        if self._old_policy is None:
+            raise RuntimeError("keep_old_policy() was not called before training")
+        with self._old_policy.swapped():
+            yield
+
+    def update_old_policy(self, decay: float) -> None:
+        """theta_old <- decay theta_old + (1 - decay) theta."""
+        self._old_policy.blend(decay)
 
     @contextlib.contextmanager
     def reference(self):
@@ -230,6 +297,10 @@ class DDPOPipeline(ABC):
             path = os.path.join(directory, TRAINED_WEIGHTS_FILE)
             save_file({k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()}, path)
             files.append(path)
+        if self._old_policy is not None:
+            path = os.path.join(directory, OLD_POLICY_FILE)
+            save_file({k: v.contiguous().cpu() for k, v in self._old_policy.state_dict().items()}, path)
+            files.append(path)
         return files
 
     def load_trained(self, directory: str) -> None:
@@ -245,6 +316,14 @@ class DDPOPipeline(ABC):
                 )
             raise FileNotFoundError(f"{path} is missing")
         self.load_trained_state_dict(load_file(path) if os.path.isfile(path) else self.read_export(directory))
+        if self._old_policy is not None:
+            old = os.path.join(directory, OLD_POLICY_FILE)
+            if not os.path.isfile(old):
+                raise FileNotFoundError(f"{old} is missing (the algorithm keeps an old policy)")
+            try:
+                self._old_policy.load_state_dict(load_file(old))
+            except ValueError as exc:
+                raise WeightsMismatch(f"{old}: {exc}") from None
 
 
 class LatentDenoiser:

@@ -39,6 +39,10 @@ from ddpo.pipelines.base import (
 )
 from ddpo.schedulers.ddim import draw_noise
 from ddpo.schedulers.flow_sde import SIGMA_SCHEDULES, flow_noise_scale, flow_ode_step, flow_sde_step
+from ddpo.schedulers.forward import FlowProcess
+
+# samplers of FINAL rollouts (forward-process algorithms): the Euler ODE (diffusers' sampler), or the SDE
+SAMPLERS = ("euler", "sde")
 
 # the attention projections of both streams of SD3's joint blocks (Flow-GRPO's LoRA targets); the
 # "attn." prefix keeps SD3.5's second, image-only attention (attn2) out, as Flow-GRPO does
@@ -99,6 +103,7 @@ class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
         max_sequence_length: int = 256,
         gradient_checkpointing: bool = False,
         compile_transformer: bool = False,
+        sampler: str = "euler",
     ):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -116,6 +121,10 @@ class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
             raise ConfigError(
                 f"pipeline.sigma_schedule must be one of {', '.join(SIGMA_SCHEDULES)} (got {sigma_schedule!r})"
             )
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"pipeline.sampler must be one of {', '.join(SAMPLERS)} (got {sampler!r})")
+        self.sampler = sampler
+        self.forward_process = FlowProcess()
         eval_num_steps = eval_num_steps or num_steps
         if num_steps <= 0 or eval_num_steps <= 0:
             raise ConfigError(f"the number of steps must be > 0 (got {num_steps} and eval_num_steps {eval_num_steps})")
@@ -357,6 +366,35 @@ class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
             "log_probs": log_probs.unsqueeze(1),
         }
         return Rollout(conditioning=conditioning, steps=steps, images=self.decode(latents))
+
+    @torch.no_grad()
+    def sample_final(self, conditioning, generator) -> Rollout:
+        """``pipeline.sampler`` (the Euler ODE, or the SDE at every step) on the training schedule; only x0
+        and the conditioning kept."""
+        conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
+        batch = conditioning["prompt_embeds"].shape[0]
+        schedule = self._train_schedule
+        size = self.resolution // self.vae_scale_factor
+        latents = draw_noise(
+            (batch, self.transformer.config.in_channels, size, size), generator, self.device, torch.float32
+        )
+        for i in range(schedule.num_steps):
+            t, t_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+            velocity = self._velocity(latents, schedule.timesteps[i].expand(batch), conditioning, self.sample_cfg)
+            if self.sampler == "sde":
+                latents = flow_sde_step(velocity, latents, t, t_next, schedule.noise_scales[i], generator=generator)[0]
+            else:
+                latents = flow_ode_step(velocity, latents, t, t_next)
+        steps = {"step_index": torch.arange(schedule.num_steps, device=self.device).expand(batch, -1).clone()}
+        return Rollout(conditioning={**conditioning, "x0": latents}, steps=steps, images=self.decode(latents))
+
+    def forward_times(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training schedule's sigmas (its shift included; the sampler's steps) and the model's timesteps."""
+        schedule = self._train_schedule
+        return schedule.sigmas[:-1], schedule.timesteps
+
+    def network_output(self, x_t, timesteps, conditioning) -> torch.Tensor:
+        return self._velocity(x_t, timesteps, conditioning, cfg=False)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,17 @@ from ddpo.pipelines.base import (
     initial_generator,
 )
 from ddpo.schedulers.ddim import ddim_step_with_logprob, draw_noise
+from ddpo.schedulers.forward import EpsilonProcess
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# samplers of FINAL rollouts (forward-process algorithms: no log probabilities needed, any sampler collects)
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),  # deterministic DDIM (eta 0)
+    "dpm_solver": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    ),  # DPM-Solver++(2M)
+}
 
 
 class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
@@ -47,7 +56,9 @@ class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipelin
         attention: str = "sdpa",
         compile_unet: bool = False,
         train_window: list[int] | tuple[int, int] | None = None,
+        sampler: str = "ddim",
     ):
+        import diffusers
         from diffusers import DDIMScheduler
 
         if not eta > 0:  # NaN included
@@ -67,6 +78,14 @@ class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipelin
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
         self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"pipeline.sampler must be one of {', '.join(SAMPLERS)} (got {sampler!r})")
+        name, options = SAMPLERS[sampler]
+        self.sampler = sampler
+        self.collector = getattr(diffusers, name).from_config(components.scheduler.config, **options)
+        self.forward_process = EpsilonProcess(
+            self.scheduler.alphas_cumprod, self.scheduler.config.get("prediction_type", "epsilon")
+        )
         self.device = torch.device(device)
         self.use_lora = use_lora
         self.dtype = DTYPES[mixed_precision]
@@ -246,6 +265,37 @@ class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipelin
             },
             images=self.decode(latents),
         )
+
+    @torch.no_grad()
+    def sample_final(self, conditioning, generator) -> Rollout:
+        """``pipeline.sampler`` from the same initial noise as ``sample``; only x0 and the conditioning kept."""
+        conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
+        batch = conditioning["prompt_embeds"].shape[0]
+        collector = self.collector
+        collector.set_timesteps(self.num_steps, device=self.device)
+        size = self.resolution // self.vae_scale_factor
+        shape = (batch, self.unet.config.in_channels, size, size)
+        latents = draw_noise(shape, generator, self.device, torch.float32) * collector.init_noise_sigma
+        for t in collector.timesteps:
+            t_batch = t.expand(batch)
+            model_in = collector.scale_model_input(latents, t)
+            output = self._guided_output(model_in, t_batch, conditioning, self.guidance_scale, cfg=self.sample_cfg)
+            latents = collector.step(output, t, latents).prev_sample.float()
+        steps = {"step_index": torch.arange(self.num_steps, device=self.device).expand(batch, -1).clone()}
+        return Rollout(conditioning={**conditioning, "x0": latents}, steps=steps, images=self.decode(latents))
+
+    def forward_times(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The DDIM grid of ``num_steps`` timesteps (the sampler's steps, as DiffusionNFT trains on): both
+        the process's time and the UNet's timestep."""
+        if self.scheduler.num_inference_steps != self.num_steps:
+            self.scheduler.set_timesteps(self.num_steps, device=self.device)
+        timesteps = self.scheduler.timesteps.to(self.device)
+        return timesteps, timesteps
+
+    def network_output(self, x_t, timesteps, conditioning) -> torch.Tensor:
+        with self._autocast():
+            output = self._denoiser(x_t, timesteps, **self.unet_conditioning(conditioning, cfg=False)).sample
+        return output.float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

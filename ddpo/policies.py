@@ -1,0 +1,57 @@
+"""Copies of the trained weights beside the trained ones: an old policy, or an EMA for evaluation.
+
+``ShadowWeights`` keeps one float32 tensor per trained parameter and can stand in for the trained
+weights for a while (``swapped``): parameters' storage is exchanged, nothing is copied, and the
+autograd graph of the trained weights is untouched. One mechanism serves LoRA (the copy is as small
+as the adapter, like DiffusionNFT's second adapter) and full fine-tuning (a copy of the module's
+trained weights), in every family, with no adapter switching (peft's ``set_adapter`` also changes
+which parameters require gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class ShadowWeights:
+    """theta_shadow, moved towards the trained theta by ``blend``: theta_shadow <- d theta_shadow + (1 - d) theta."""
+
+    def __init__(self, named_parameters: dict[str, torch.nn.Parameter]):
+        self.parameters = named_parameters
+        with torch.no_grad():
+            self.tensors = {name: p.detach().clone().float() for name, p in named_parameters.items()}
+
+    @torch.no_grad()
+    def blend(self, decay: float) -> None:
+        for name, p in self.parameters.items():
+            self.tensors[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """Within this context the parameters hold the shadow weights (in the parameters' dtype)."""
+        saved = {}
+        with torch.no_grad():
+            for name, p in self.parameters.items():
+                saved[name] = p.data
+                p.data = self.tensors[name].to(p.dtype)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.parameters.items():
+                    p.data = saved[name]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.tensors):
+            missing, unexpected = sorted(set(self.tensors) - set(state)), sorted(set(state) - set(self.tensors))
+            raise ValueError(f"the saved weights do not match (missing {missing[:2]}, unexpected {unexpected[:2]})")
+        with torch.no_grad():
+            for name, value in state.items():
+                if value.shape != self.tensors[name].shape:
+                    raise ValueError(f"{name}: shape {tuple(value.shape)}, expected {tuple(self.tensors[name].shape)}")
+                self.tensors[name].copy_(value)

@@ -21,12 +21,16 @@ class ShadowWeights:
     def __init__(self, named_parameters: dict[str, torch.nn.Parameter]):
         self.parameters = named_parameters
         with torch.no_grad():
-            self.tensors = {name: p.detach().clone().float() for name, p in named_parameters.items()}
+            # at least float32 (bf16 trained weights would round every small blend away)
+            self.tensors = {
+                name: p.detach().clone().to(torch.promote_types(p.dtype, torch.float32))
+                for name, p in named_parameters.items()
+            }
 
     @torch.no_grad()
     def blend(self, decay: float) -> None:
         for name, p in self.parameters.items():
-            self.tensors[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+            self.tensors[name].mul_(decay).add_(p.detach().to(self.tensors[name].dtype), alpha=1 - decay)
 
     @contextlib.contextmanager
     def swapped(self):

@@ -3,5 +3,6 @@
 from ddpo.algorithms.base import FINAL, TRANSITIONS, Algorithm, PolicyGradient, gaussian_kl
 from ddpo.algorithms.ddpo import DDPO
 from ddpo.algorithms.grpo import GRPO
+from ddpo.algorithms.nft import NFT
 
-__all__ = ["Algorithm", "DDPO", "FINAL", "GRPO", "PolicyGradient", "TRANSITIONS", "gaussian_kl"]
+__all__ = ["Algorithm", "DDPO", "FINAL", "GRPO", "NFT", "PolicyGradient", "TRANSITIONS", "gaussian_kl"]

@@ -131,7 +131,8 @@ def sample_epoch(
             noise["shared_generator"] = [torch.Generator(device=accelerator.device).manual_seed(x) for x in shared]
         if any(k is not None for k in branch):
             noise["branch_steps"] = branch
-        batch = pipeline.fill(algorithm.rollout, pipeline.encode_prompts(prompts), generator, **noise)
+        with algorithm.sampling_policy(pipeline):
+            batch = pipeline.fill(algorithm.rollout, pipeline.encode_prompts(prompts), generator, **noise)
         futures.append(executor.submit(timed_call, comps.reward_fn, batch.images, prompts, metadata))
         batches.append(batch)
         prompts_all.extend(prompts)

@@ -49,6 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ddpo import shapes  # noqa: E402
+from ddpo.schedulers.forward import EpsilonProcess, FlowProcess  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent.parent / "ddpo" / "assets"
 DEFAULT_OUT = {"sd": ASSETS / "tiny_shapes", "flow": ASSETS / "tiny_shapes_flow"}
@@ -224,7 +225,7 @@ def train_diffusion(latents: torch.Tensor, scenes: list, tokenizer, args, device
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False
     )
-    alphas = noise_scheduler.alphas_cumprod.to(device)
+    process = EpsilonProcess(noise_scheduler.alphas_cumprod)  # the forward process the DDIM pipelines train on
     captions = encode_captions(tokenizer, [s.caption for s in scenes])
     empty = encode_captions(tokenizer, [""])[0]
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -241,10 +242,9 @@ def train_diffusion(latents: torch.Tensor, scenes: list, tokenizer, args, device
         ids[torch.rand(len(ids), generator=generator) < args.caption_dropout] = empty
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = torch.randint(0, 1000, (len(x0),), generator=generator).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = process.noise(x0, noise, t)
         hidden = text_encoder(ids.to(device)).last_hidden_state
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=hidden).sample, noise)
+        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=hidden).sample, process.target(x0, noise, t))
         running = ema_step(loss, optimizer, params, ema, step, args.ema, running)
         progress(step, loss=running)
     load_ema(ema, params)
@@ -320,6 +320,7 @@ def train_flow(latents: torch.Tensor, scenes: list, tokenizer, vae, args, device
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(args.seed + 3)
+    process = FlowProcess()  # the forward process pipeline=flow_sde trains on
     progress = Progress("flow", args.steps, args.log_every)
     running = None
     for step, index in enumerate(batches(len(latents), args.batch, args.steps, generator)):
@@ -338,11 +339,11 @@ def train_flow(latents: torch.Tensor, scenes: list, tokenizer, vae, args, device
         )
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = torch.sigmoid(torch.randn(len(x0), generator=generator)).to(device)
-        xt = (1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * noise
+        xt = process.noise(x0, noise, t)
         velocity = transformer(
             hidden_states=xt, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t * 1000
         ).sample
-        loss = F.mse_loss(velocity, noise - x0)
+        loss = F.mse_loss(velocity, process.target(x0, noise, t))
         running = ema_step(loss, optimizer, params, ema, step, args.ema, running)
         progress(step, loss=running)
     load_ema(ema, params)

@@ -79,7 +79,19 @@ def assert_same_epochs(records, reference_records):
         ref = by_epoch[record["epoch"]]
         for key in ("global_step", "num_samples"):
             assert record[key] == ref[key], (record["epoch"], key)
-        for key in ("reward_mean", "reward_std", "loss", "clipfrac", "approx_kl", "grad_norm"):
+        keys = (
+            "reward_mean",
+            "reward_std",
+            "loss",
+            "clipfrac",
+            "approx_kl",
+            "grad_norm",
+            "x0_error",
+            "old_distance",
+            "mse",
+            "kl_ema",
+        )
+        for key in (k for k in keys if k in ref or k in record):
             assert record[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), (record["epoch"], key)
 
 
@@ -208,6 +220,12 @@ def test_full_finetuning_resumes_from_its_diffusers_checkpoint(tmp_path):
         # after a resume the reference is still the base model (not the resumed weights): kl_ref matches
         pytest.param(["use_lora=false", "algorithm.kl_coef=100"], id="kl-full-finetuning"),
         pytest.param(["algorithm.kl_coef=100"], id="kl-lora"),
+        # the old policy (and its schedule's count) is restored exactly, under LoRA and full fine-tuning
+        pytest.param(["algorithm=nft", "algorithm.group_size=2", "algorithm.old_decay_rate=0.1"], id="nft-lora"),
+        pytest.param(["algorithm=awm", "algorithm.group_size=2", "algorithm.ema_decay_rate=0.1"], id="awm-lora"),
+        pytest.param(
+            ["algorithm=nft", "algorithm.group_size=2", "algorithm.kl_coef=0.1", "use_lora=false"], id="nft-full-kl"
+        ),
     ],
 )
 def test_new_algorithms_resume_exactly(tmp_path, algorithm):
@@ -219,3 +237,17 @@ def test_new_algorithms_resume_exactly(tmp_path, algorithm):
     if "kl" in str(algorithm):
         for ours, ref in zip(read_metrics(stopped), read_metrics(whole)):
             assert ours["kl_ref"] == pytest.approx(ref["kl_ref"], rel=1e-5, abs=1e-12)
+    if algorithm[0] in ("algorithm=nft", "algorithm=awm"):
+        from safetensors.torch import load_file
+
+        last = Path("checkpoints") / "checkpoint_00003"
+        for name in ("old_policy.safetensors", "trained_weights.safetensors"):
+            if not (whole / last / name).exists():  # full fine-tuning: the weights are the diffusers folder
+                continue
+            ours, ref = load_file(stopped / last / name), load_file(whole / last / name)
+            assert ours.keys() == ref.keys() and ours
+            for key in ref:
+                torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0, msg=key)
+        decays = [r.get("old_decay", r.get("ema_decay")) for r in read_metrics(stopped)]
+        if "use_lora=false" not in algorithm:  # 2 optimizer steps per epoch, rate 0.1
+            assert decays == pytest.approx([0.2, 0.3, 0.3] if algorithm[0] == "algorithm=awm" else [0.2, 0.4, 0.5])

@@ -20,6 +20,7 @@ YAML file in ``conf/algorithm/`` naming it.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -81,6 +82,10 @@ class Algorithm(ABC):
     @abstractmethod
     def loss(self, pipeline, batch: dict[str, torch.Tensor], advantages: torch.Tensor):
         """(loss, diagnostics) of a training batch: what ``rollout.transitions(rows, steps)`` returned."""
+
+    def sampling_policy(self, pipeline):
+        """The policy the epoch's rollouts are drawn with (a context manager): the trained one by default."""
+        return contextlib.nullcontext()
 
     def end_epoch(self, pipeline, global_step: int) -> None:
         """After the epoch's last optimizer step (an old policy or EMA moves here)."""

@@ -14,12 +14,16 @@ and half their sum is the old policy exactly. A sample's optimality probability 
 loss against the negative one's, each divided by its own adaptive weight (the stop-gradient mean
 |x_hat - x0| of the sample, DiffusionNFT's normalisation):
 
-    loss = [ r ||x+ - x0||^2 / w+  +  (1 - r) ||x- - x0||^2 / w- ] / beta  (+ kl_coef ||x_theta - x_ref||^2)
+    loss = c [ r ||x+ - x0||^2 / w+  +  (1 - r) ||x- - x0||^2 / w- ] / beta  (+ kl_coef ||f_theta - f_ref||^2)
+
+(c = adv_clip_max, the official scale; f the network output). The epoch's samples are drawn by the
+old policy, as in the official code.
 
 Rewarded samples pull the policy towards them, penalised ones push it away, and nothing needs the
 sampler's likelihood. After each epoch the old policy moves towards the trained one,
 theta_old <- eta theta_old + (1 - eta) theta, with eta = min(old_decay_rate x step, old_decay_max)
-(the official schedule: eta = 0 at first, so the old policy follows the trained one closely early on).
+after ``global_step`` optimizer steps (the official schedule: eta = 0 at first, so the old policy
+follows the trained one closely early on).
 
 Identities the tests check: (x+ + x-) / 2 = x_old; with r = 1/2 and theta = theta_old the gradient is
 zero; with r = 1 and beta = 1 the loss is the adaptive-weighted diffusion loss on the samples.
@@ -49,7 +53,7 @@ def implicit_policies(x_theta: torch.Tensor, x_old: torch.Tensor, beta: float) -
 def adaptive_loss(prediction: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Per sample: the squared x0 error divided by the stop-gradient mean absolute error (floored)."""
     with torch.no_grad():
-        weight = per_sample_mean((prediction.double() - x0.double()).abs()).clamp(min=WEIGHT_FLOOR).float()
+        weight = per_sample_mean((prediction.double() - x0.double()).abs()).clamp(min=WEIGHT_FLOOR).to(prediction.dtype)
     return per_sample_mean((prediction - x0) ** 2) / weight
 
 
@@ -62,10 +66,11 @@ class NFT(PromptGroups, Algorithm):
     """Args:
     group_size: samples per prompt per epoch (advantages are relative to the prompt's group).
     beta: the implicit policies' step (official default 1.0; 0.1 in its OCR and multi-reward configs).
-    kl_coef: weight of the x0-space squared distance to the reference policy (0 disables it).
+    kl_coef: weight of the squared distance of the network output to the reference policy's (official
+        train.beta = 1e-4; 0 disables it).
     adv_clip_max: advantages are clipped to [-c, c] before becoming r (c = 5: r = A / 10 + 1/2).
     eps: added to the epoch's reward std.
-    old_decay_rate, old_decay_max: eta = min(old_decay_rate x epochs_trained, old_decay_max).
+    old_decay_rate, old_decay_max: eta = min(old_decay_rate x global step, old_decay_max).
     """
 
     rollout = FINAL
@@ -75,7 +80,7 @@ class NFT(PromptGroups, Algorithm):
         self,
         group_size: int,
         beta: float = 1.0,
-        kl_coef: float = 0.0,
+        kl_coef: float = 1e-4,
         adv_clip_max: float = 5.0,
         eps: float = 1e-4,
         old_decay_rate: float = 0.001,
@@ -96,7 +101,6 @@ class NFT(PromptGroups, Algorithm):
             )
         self.beta, self.kl_coef, self.adv_clip_max, self.eps = beta, kl_coef, adv_clip_max, eps
         self.old_decay_rate, self.old_decay_max = old_decay_rate, old_decay_max
-        self.updates = 0  # old-policy updates so far (checkpointed)
         self.last_decay = 0.0
 
     def describe(self, samples_per_epoch: int) -> str:
@@ -111,48 +115,44 @@ class NFT(PromptGroups, Algorithm):
         centred = (groups - groups.mean(axis=1, keepdims=True)) / (groups.std() + self.eps)
         return np.clip(centred.reshape(-1), -self.adv_clip_max, self.adv_clip_max)
 
-    def old_decay(self, updates: int) -> float:
-        """eta of the ``updates``-th old-policy update (0-based)."""
-        return min(self.old_decay_rate * updates, self.old_decay_max)
+    def old_decay(self, global_step: int) -> float:
+        """eta after ``global_step`` optimizer steps."""
+        return min(self.old_decay_rate * global_step, self.old_decay_max)
+
+    def sampling_policy(self, pipeline):
+        """The official code samples the epoch's rollouts with the old policy."""
+        return pipeline.old_policy()
 
     def loss(self, pipeline, batch: dict[str, torch.Tensor], advantages: torch.Tensor):
         x0, steps = batch["x0"], batch["step_index"]
-        x_t = pipeline.noised(x0, steps, torch.randn_like(x0))
+        x_t = pipeline.noised(x0, steps, pipeline.forward_noise(batch))
         with torch.no_grad(), pipeline.old_policy():
-            x_old = pipeline.predict_x0(x_t, steps, batch)
-        x_theta = pipeline.predict_x0(x_t, steps, batch)
+            old_output = pipeline.predict_output(x_t, steps, batch)
+        output = pipeline.predict_output(x_t, steps, batch)
+        x_theta, x_old = pipeline.x0_from_output(output, x_t, steps), pipeline.x0_from_output(old_output, x_t, steps)
         positive, negative = implicit_policies(x_theta, x_old, self.beta)
         r = optimality(advantages, self.adv_clip_max)
-        policy = (r * adaptive_loss(positive, x0) + (1 - r) * adaptive_loss(negative, x0)) / self.beta
-        loss = policy.mean()
+        scale = pipeline.loss_scale(steps)  # 1 in x0 space (flow); epsilon space for SD's UNets
+        policy = scale * (r * adaptive_loss(positive, x0) + (1 - r) * adaptive_loss(negative, x0)) / self.beta
+        loss = (policy * self.adv_clip_max).mean()  # the official scale (x adv_clip_max)
         stats = {"policy_loss": loss.detach(), "r_mean": r.mean()}
-        if self.kl_coef > 0:
+        if self.kl_coef > 0:  # on the network outputs, as the official code (velocity for SD3)
             with torch.no_grad(), pipeline.reference():
-                x_ref = pipeline.predict_x0(x_t, steps, batch)
-            kl = per_sample_mean((x_theta - x_ref) ** 2)
+                reference = pipeline.predict_output(x_t, steps, batch)
+            kl = per_sample_mean((output - reference) ** 2)
             loss = loss + self.kl_coef * kl.mean()
             stats["kl_ref"] = kl.detach().mean()
         with torch.no_grad():
             stats["x0_error"] = per_sample_mean((x_theta - x0) ** 2).mean()
-            stats["old_distance"] = per_sample_mean((x_theta - x_old) ** 2).mean()
+            stats["old_distance"] = per_sample_mean((output - old_output) ** 2).mean()
         return loss, stats
 
     def end_epoch(self, pipeline, global_step: int) -> None:
-        self.last_decay = self.old_decay(self.updates)
+        self.last_decay = self.old_decay(global_step)
         pipeline.update_old_policy(self.last_decay)
-        self.updates += 1
 
     def summary(self, record: dict) -> str:
         return f"loss {record['loss']:.3g}  x0 err {record['x0_error']:.3g}  old dist {record['old_distance']:.2g}"
-
-    def state_dict(self) -> dict:
-        return {"updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        updates = state.get("updates", 0)
-        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
-            raise ValueError(f"updates must be a whole number >= 0 (got {updates!r})")
-        self.updates = updates
 
     def stats(self) -> dict[str, float]:
         return {"old_decay": self.last_decay}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ddpo.errors import ConfigError, WeightsMismatch
+from ddpo.schedulers.ddim import draw_noise
 
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # the trained tensors under their own names
 OLD_POLICY_FILE = "old_policy.safetensors"  # the old policy's weights (forward-process algorithms), by the same names
@@ -30,6 +31,11 @@ def check_window(window, num_steps: int, key: str, null_means: str) -> tuple[int
             f"(got {list(window)}); null {null_means}"
         )
     return window
+
+
+def forward_seeds(generator: list[torch.Generator]) -> torch.Tensor:
+    """One seed per sample for its forward-process noise, drawn from its own sampling generator (after sampling)."""
+    return torch.tensor([int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) for g in generator])
 
 
 def initial_generator(generator, shared_generator, branch_steps):
@@ -53,7 +59,8 @@ class Rollout:
 
     A rollout of final samples (``FINAL``: forward-process algorithms) stores nothing per step but an
     index: ``conditioning`` holds the clean latents (``x0``) beside the text conditioning, and
-    ``steps`` only ``step_index`` (B, T), the forward process's T training timesteps of each sample.
+    ``steps`` only ``step_index`` (B, T), the forward process's T training timesteps of each sample,
+    and ``forward_seed`` (B,) seeds the noise each sample is trained with (``forward_noise``).
     """
 
     conditioning: dict[str, torch.Tensor]
@@ -155,16 +162,54 @@ class DDPOPipeline(ABC):
         """The denoiser's raw output (epsilon, v or velocity) at (x_t, t), with gradients, without guidance."""
         raise NotImplementedError(f"{type(self).__name__} has no forward process")
 
+    def forward_noise(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The noise of a forward-process training batch: a function of each sample's ``forward_seed``
+        (drawn from its sampling generator) and the training step, so that the same samples get the
+        same noise in any batch and on any number of processes (and again after a resume)."""
+        x0, seeds = batch["x0"], batch.get("forward_seed")
+        if seeds is None:
+            return torch.randn_like(x0)
+        from ddpo.seeds import derived_seed
+
+        pairs = zip(seeds.tolist(), batch["step_index"].tolist())
+        generators = [torch.Generator().manual_seed(derived_seed(seed, step)) for seed, step in pairs]
+        return draw_noise(x0.shape, generators, x0.device, x0.dtype)
+
     def noised(self, x0: torch.Tensor, step_index: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t of clean latents ``x0`` at training steps ``step_index`` with ``noise``."""
         times, _ = self.forward_times()
         return self.forward_process.noise(x0.float(), noise.float(), times[step_index])
 
+    def loss_scale(self, step_index: torch.Tensor) -> torch.Tensor:
+        """Per row: the factor that makes an x0-space loss normalised by its own mean error (DiffusionNFT's
+        adaptive weight) the same loss in the family's training space. 1: x0 space (flow matching, as
+        DiffusionNFT trains SD3); an epsilon model's x0 error is its epsilon error times sigma/alpha
+        (about 15 at SD's top timestep, 0.03 at its last), which this factor divides out."""
+        return torch.ones(step_index.shape, device=step_index.device)
+
+    def predict_output(self, x_t: torch.Tensor, step_index: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The network output (epsilon, v or velocity) of the policy in effect at (x_t, step), float32."""
+        _, timesteps = self.forward_times()
+        return self.network_output(x_t, timesteps[step_index], conditioning).float()
+
+    def x0_from_output(self, output: torch.Tensor, x_t: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        """The clean latent a network output implies at (x_t, step): affine in the output."""
+        times, _ = self.forward_times()
+        return self.forward_process.x0(output, x_t, times[step_index])
+
     def predict_x0(self, x_t: torch.Tensor, step_index: torch.Tensor, conditioning: dict) -> torch.Tensor:
         """The clean latent the policy in effect (trained, ``old_policy()``, ``reference()``) predicts from x_t."""
-        times, timesteps = self.forward_times()
-        output = self.network_output(x_t, timesteps[step_index], conditioning)
-        return self.forward_process.x0(output.float(), x_t, times[step_index])
+        return self.x0_from_output(self.predict_output(x_t, step_index, conditioning), x_t, step_index)
+
+    def output_target(self, x0: torch.Tensor, noise: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        """What the network should output at x_t = noised(x0, step_index, noise): epsilon, v or velocity."""
+        times, _ = self.forward_times()
+        return self.forward_process.target(x0.float(), noise.float(), times[step_index])
+
+    def noise_coefficient(self, step_index: torch.Tensor) -> torch.Tensor:
+        """Per row, the weight of the noise in x_t, in (0, 1]: sigma (flow matching), sqrt(1 - alpha_bar) (DDPM)."""
+        times, _ = self.forward_times()
+        return self.forward_process.noise_coefficient(times[step_index])
 
     # -- the old policy (a slowly moving copy of the trained weights) --------------------------------
     _old_policy = None

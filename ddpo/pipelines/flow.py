@@ -35,6 +35,7 @@ from ddpo.pipelines.base import (
     LatentDenoiser,
     Rollout,
     check_window,
+    forward_seeds,
     initial_generator,
 )
 from ddpo.schedulers.ddim import draw_noise
@@ -386,7 +387,8 @@ class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
             else:
                 latents = flow_ode_step(velocity, latents, t, t_next)
         steps = {"step_index": torch.arange(schedule.num_steps, device=self.device).expand(batch, -1).clone()}
-        return Rollout(conditioning={**conditioning, "x0": latents}, steps=steps, images=self.decode(latents))
+        seeds = forward_seeds(generator).to(self.device)
+        return Rollout({**conditioning, "x0": latents, "forward_seed": seeds}, steps, images=self.decode(latents))
 
     def forward_times(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training schedule's sigmas (its shift included; the sampler's steps) and the model's timesteps."""

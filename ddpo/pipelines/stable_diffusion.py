@@ -12,6 +12,7 @@ from ddpo.pipelines.base import (
     LatentDenoiser,
     Rollout,
     check_window,
+    forward_seeds,
     initial_generator,
 )
 from ddpo.schedulers.ddim import ddim_step_with_logprob, draw_noise
@@ -282,7 +283,8 @@ class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipelin
             output = self._guided_output(model_in, t_batch, conditioning, self.guidance_scale, cfg=self.sample_cfg)
             latents = collector.step(output, t, latents).prev_sample.float()
         steps = {"step_index": torch.arange(self.num_steps, device=self.device).expand(batch, -1).clone()}
-        return Rollout(conditioning={**conditioning, "x0": latents}, steps=steps, images=self.decode(latents))
+        seeds = forward_seeds(generator).to(self.device)
+        return Rollout({**conditioning, "x0": latents, "forward_seed": seeds}, steps, images=self.decode(latents))
 
     def forward_times(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The DDIM grid of ``num_steps`` timesteps (the sampler's steps, as DiffusionNFT trains on): both
@@ -291,6 +293,11 @@ class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipelin
             self.scheduler.set_timesteps(self.num_steps, device=self.device)
         timesteps = self.scheduler.timesteps.to(self.device)
         return timesteps, timesteps
+
+    def loss_scale(self, step_index: torch.Tensor) -> torch.Tensor:
+        """The epsilon (or v) space: x0 errors divided by d x0 / d output, as SD's own training loss weighs timesteps."""
+        times, _ = self.forward_times()
+        return 1.0 / self.forward_process.output_scale(times[step_index])
 
     def network_output(self, x_t, timesteps, conditioning) -> torch.Tensor:
         with self._autocast():

@@ -47,6 +47,15 @@ class EpsilonProcess:
         signal, sigma = self._scales(t, x0)
         return signal * noise - sigma * x0
 
+    def noise_coefficient(self, t: torch.Tensor) -> torch.Tensor:
+        return (1 - self.alphas_cumprod.to(t.device)[t.long()]).sqrt()
+
+    def output_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """d x0 / d output per sample (N,): sigma / alpha for epsilon, sigma for v."""
+        alpha = self.alphas_cumprod.to(t.device)[t.long()]
+        sigma = (1 - alpha).sqrt()
+        return sigma / alpha.sqrt() if self.prediction_type == "epsilon" else sigma
+
     def x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         signal, sigma = self._scales(t, x_t)
         if self.prediction_type == "epsilon":
@@ -63,6 +72,9 @@ class FlowProcess:
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return noise - x0
+
+    def noise_coefficient(self, t: torch.Tensor) -> torch.Tensor:
+        return t.float()
 
     def x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return x_t - _column(t, x_t) * output

@@ -11,7 +11,9 @@
 Arguments other than the options below are Hydra overrides of conf/config.yaml (logger=none is
 forced). The loop runs ``--warmup`` epochs, then ``--epochs`` timed epochs of ``ddpo.trainer.train``
 itself. Then, in the same process, the floor: the time of one UNet forward at the sampling batch
-(with CFG: twice the batch), one UNet forward+backward at the training batch, and one VAE decode
+(with CFG: twice the batch), one UNet forward+backward at the training batch, the forwards without
+gradients of the other policies the algorithm's loss reads there (the reference for a KL; NFT's old
+policy, AWM's EMA), and one VAE decode
 (for a flow-matching model, pipeline=flow_sde, its transformer in the UNet's place),
 each timed alone after warm-up with the loop's shapes, dtype and settings, multiplied by the number
 of such calls an epoch made. The ratio epoch time / floor says how much the loop adds.
@@ -53,6 +55,8 @@ def measure_floor(components, run, repeats: int) -> dict:
     """Per-call times of the UNet and VAE at the loop's batch shapes (same module, dtype, autocast)."""
     import torch
 
+    from ddpo.algorithms import FINAL
+
     pipeline, device = components.pipeline, components.accelerator.device
     s, t = run.sample, run.train
     unet = pipeline.trainable_module()  # the UNet, or a flow model's transformer
@@ -75,9 +79,16 @@ def measure_floor(components, run, repeats: int) -> dict:
         with torch.no_grad(), pipeline._autocast():
             denoiser(**inputs)
 
+    algorithm = components.algorithm
+    forward_process = algorithm.rollout == FINAL  # trained without guidance, on noised final samples
+    train_cfg = pipeline.train_cfg and not forward_process
     k = min(t.timesteps_per_call, components.plan.trained_timesteps)
-    train_inputs = unet_inputs(t.batch_size * k, pipeline.train_cfg)
-    train_rows = t.batch_size * k * (2 if pipeline.train_cfg else 1)
+    train_inputs = unet_inputs(t.batch_size * k, train_cfg)
+    train_rows = t.batch_size * k * (2 if train_cfg else 1)
+
+    def other_policy_forward():  # an old policy's, an EMA's or the reference's prediction, no gradients
+        with torch.no_grad(), pipeline._autocast():
+            denoiser(**train_inputs)
 
     def forward_backward():
         with pipeline._autocast():
@@ -95,25 +106,37 @@ def measure_floor(components, run, repeats: int) -> dict:
         "unet_forward_s": timed(forward, repeats, sync),
         "unet_forward_backward_s": timed(forward_backward, repeats, sync),
         "vae_decode_s": timed(decode, repeats, sync),
+        "other_policy_forward_s": timed(other_policy_forward, repeats, sync),
     }
     plan = components.plan
+    training_calls = (
+        t.num_inner_epochs * plan.train_batches_per_epoch * math.ceil(plan.trained_timesteps / t.timesteps_per_call)
+    )
     calls = {
         "unet_forward": s.num_batches_per_epoch * s.num_steps,
-        "unet_forward_backward": t.num_inner_epochs
-        * plan.train_batches_per_epoch
-        * math.ceil(plan.trained_timesteps / t.timesteps_per_call),
+        "unet_forward_backward": training_calls,
+        "other_policy_forward": training_calls * algorithm.other_forwards_per_training_call,
         "vae_decode": s.num_batches_per_epoch,
     }
     floor = {
         "sampling_s": calls["unet_forward"] * per_call["unet_forward_s"],
-        "training_s": calls["unet_forward_backward"] * per_call["unet_forward_backward_s"],
+        "training_s": calls["unet_forward_backward"] * per_call["unet_forward_backward_s"]
+        + calls["other_policy_forward"] * per_call["other_policy_forward_s"],
         "decode_s": calls["vae_decode"] * per_call["vae_decode_s"],
     }
     floor["total_s"] = sum(floor.values())
+    # what one sample's rollout holds (images aside): per-step transitions, or a final sample
+    generators = [torch.Generator(device=device).manual_seed(i) for i in range(s.batch_size)]
+    with torch.no_grad():
+        rollout = pipeline.fill(
+            algorithm.rollout, pipeline.encode_prompts(["a photo of a cat"] * s.batch_size), generators
+        )
+    stored = [*rollout.conditioning.values(), *rollout.steps.values()]
     return {
         "per_call": per_call,
         "calls_per_epoch": calls,
         "floor_per_epoch": floor,
+        "rollout_bytes_per_sample": sum(v.numel() * v.element_size() for v in stored) / s.batch_size,
         "shapes": {"sample_rows": sample_rows, "train_rows": train_rows, "latent": [channels, size, size]},
     }
 
@@ -234,8 +257,10 @@ def report(r: dict) -> None:
     print(
         f"floor: {n['unet_forward']} denoiser fwd x {c['unet_forward_s'] * 1e3:.2f} ms = {f['sampling_s']:.3f}s, "
         f"{n['unet_forward_backward']} fwd+bwd x {c['unet_forward_backward_s'] * 1e3:.2f} ms = {f['training_s']:.3f}s, "
+        f"{n['other_policy_forward']} other-policy fwd x {c['other_policy_forward_s'] * 1e3:.2f} ms (in training), "
         f"{n['vae_decode']} VAE decode x {c['vae_decode_s'] * 1e3:.2f} ms = {f['decode_s']:.3f}s; total {f['total_s']:.3f}s"
     )
+    print(f"rollout: {r['rollout_bytes_per_sample'] / 1024:.1f} KiB per sample (images aside)")
     print(f"epoch / floor = {r['epoch_over_floor']:.3f}")
     mem = f"peak host memory {r['peak_host_memory_mb']:.0f} MB"
     if "peak_device_memory_mb" in r:

@@ -137,3 +137,18 @@ def test_an_algorithm_defined_outside_ddpo_is_one_module_and_one_yaml(tmp_path):
     (record,) = read_metrics(tmp_path)
     assert record["num_samples"] == 4 and np.isfinite(record["loss"])
     assert "LeaveOneOut" in (tmp_path / ".hydra" / "config.yaml").read_text()
+
+
+def test_a_forward_process_algorithm_defined_outside_ddpo_is_one_module_and_one_yaml(tmp_path):
+    """CONTRIBUTING's example: a FINAL-rollout algorithm (reward-weighted regression), from outside ddpo/."""
+    from pathlib import Path
+
+    external = Path(__file__).parent / "fixtures" / "external" / "conf"
+    overrides = [*TINY, "num_epochs=2", f"hydra.searchpath=[file://{external}]", "algorithm=weighted_regression"]
+    result = run_cli(tmp_path, overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(tmp_path)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(np.isfinite(r["loss"]) and r["mse"] > 0 and r["grad_norm"] > 0 for r in records)
+    log = (tmp_path / "train.log").read_text()
+    assert "epoch 2/2" in log and "loss " in log  # the log line is the algorithm's (no PPO-only keys)

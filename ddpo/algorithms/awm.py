@@ -126,6 +126,10 @@ class AWM(PromptGroups, Algorithm):
             stats["kl_ema"] = kl_ema.detach()
         return loss, stats
 
+    @property
+    def other_forwards_per_training_call(self) -> int:
+        return int(self.ema_kl_coef > 0) + int(self.needs_reference)
+
     def ema_decay(self, global_step: int) -> float:
         return min(self.ema_decay_max, self.ema_decay_rate * global_step)
 

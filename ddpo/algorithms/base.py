@@ -83,6 +83,12 @@ class Algorithm(ABC):
     def loss(self, pipeline, batch: dict[str, torch.Tensor], advantages: torch.Tensor):
         """(loss, diagnostics) of a training batch: what ``rollout.transitions(rows, steps)`` returned."""
 
+    @property
+    def other_forwards_per_training_call(self) -> int:
+        """Forward passes (no gradients) of other policies per call of the trained one in ``loss``: what
+        ``scripts/bench.py`` adds to the compute floor."""
+        return int(self.needs_reference)
+
     def sampling_policy(self, pipeline):
         """The policy the epoch's rollouts are drawn with (a context manager): the trained one by default."""
         return contextlib.nullcontext()

@@ -119,6 +119,10 @@ class NFT(PromptGroups, Algorithm):
         """eta after ``global_step`` optimizer steps."""
         return min(self.old_decay_rate * global_step, self.old_decay_max)
 
+    @property
+    def other_forwards_per_training_call(self) -> int:
+        return 1 + int(self.needs_reference)  # the old policy (+ the reference)
+
     def sampling_policy(self, pipeline):
         """The official code samples the epoch's rollouts with the old policy."""
         return pipeline.old_policy()

@@ -384,6 +384,61 @@ class LatentDenoiser:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    # the trained module's folder in an export of full fine-tuning (``unet``, ``transformer``) and its class
+    trained_folder: str = ""
+    trained_class: str = ""
+
+    def set_up_weights(self, trained, frozen: list, *, lora: dict | None, gradient_checkpointing: bool) -> None:
+        """Freeze everything, cast the frozen modules (the trained module too under LoRA) to the mixed-
+        precision dtype on the device; then LoRA adapters (``lora``: rank, alpha, target modules) in
+        float32 on ``trained``, or all of ``trained`` in float32 and trainable."""
+        for module in (trained, *frozen):
+            module.requires_grad_(False)
+            module.eval()
+        for module in [*frozen, *([trained] if lora else [])]:
+            module.to(self.device)
+            if self.dtype != torch.float32:
+                module.to(dtype=self.dtype)
+        if lora:
+            from peft import LoraConfig
+
+            trained.add_adapter(
+                LoraConfig(
+                    r=lora["rank"],
+                    lora_alpha=lora["alpha"],
+                    init_lora_weights="gaussian",
+                    target_modules=lora["targets"],
+                )
+            )
+            for p in trained.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            trained.to(self.device).float().requires_grad_(True)
+        if gradient_checkpointing:
+            trained.enable_gradient_checkpointing()
+
+    @property
+    def export_is_exact(self) -> bool:
+        return not self.use_lora  # the full module saved by save_pretrained: parameters under their own names
+
+    def read_export(self, directory: str) -> dict[str, torch.Tensor]:
+        if self.use_lora:
+            return super().read_export(directory)
+        import diffusers
+
+        folder = os.path.join(directory, self.trained_folder)
+        if not os.path.isdir(folder):  # from_pretrained would take a missing path for a Hub id
+            raise FileNotFoundError(f"{folder} is missing")
+        loaded = getattr(diffusers, self.trained_class).from_pretrained(folder, torch_dtype=torch.float32)
+        return {name: p.detach() for name, p in loaded.named_parameters()}
+
+    def export_full(self, directory: str) -> list[str]:
+        """Full fine-tuning's export: the trained module's folder, loadable with ``from_pretrained``."""
+        folder = os.path.join(directory, self.trained_folder)
+        self.trainable_module().save_pretrained(folder)
+        return [folder]
+
 
 class DenoiserReference:
     """The reference policy of a pipeline whose trainable module (``trainable_module()``) is called
@@ -414,3 +469,25 @@ class DenoiserReference:
             yield
         finally:
             self._denoiser = denoiser
+
+
+class DenoiserPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
+    """The base of the families here: a VAE, text encoders and one trained denoiser (a UNet or a
+    transformer) under mixed precision, with the reference and export they share. The pipeline sets
+    ``self.scheduler`` and ``self.compile_denoiser`` (torch.compile the denoiser's calls)."""
+
+    supports_branching = True
+    compile_denoiser = False
+
+    def set_placement(self, device, use_lora: bool, mixed_precision: str) -> None:
+        """Where the pipeline runs, whether it trains LoRA adapters, and its frozen modules' dtype."""
+        self.device = torch.device(device)
+        self.use_lora = use_lora
+        self.dtype = DTYPES[mixed_precision]
+
+    @property
+    def max_num_steps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def use_wrapped(self, wrapped: torch.nn.Module) -> None:
+        self._denoiser = torch.compile(wrapped) if self.compile_denoiser else wrapped

@@ -29,10 +29,7 @@ import torch
 
 from ddpo.errors import ConfigError
 from ddpo.pipelines.base import (
-    DTYPES,
-    DDPOPipeline,
-    DenoiserReference,
-    LatentDenoiser,
+    DenoiserPipeline,
     Rollout,
     check_window,
     forward_seeds,
@@ -73,7 +70,7 @@ class _Schedule:
         self.noise_scales = scales.to(device)
 
 
-class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
+class FlowMatchingDDPOPipeline(DenoiserPipeline):
     """Wraps a diffusers ``StableDiffusion3Pipeline``; its Euler ODE steps become SDE steps with log probabilities.
 
     Frozen modules are cast to the mixed-precision dtype; trainable weights stay in float32 and the
@@ -82,6 +79,7 @@ class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
 
     accepts = ("StableDiffusion3Pipeline",)
     option = "flow_sde"
+    trained_folder, trained_class = "transformer", "SD3Transformer2DModel"
     CONDITIONING_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 
     def __init__(
@@ -146,9 +144,7 @@ class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
         self.text_encoders = [
             e for e in (components.text_encoder, components.text_encoder_2, components.text_encoder_3) if e is not None
         ]
-        self.device = torch.device(device)
-        self.use_lora = use_lora
-        self.dtype = DTYPES[mixed_precision]
+        self.set_placement(device, use_lora, mixed_precision)
         if resolution is not None and (resolution <= 0 or resolution % (self.vae_scale_factor * self.patch_size)):
             raise ConfigError(
                 f"model.resolution must be a positive multiple of {self.vae_scale_factor * self.patch_size} "
@@ -156,33 +152,13 @@ class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
             )
         self.resolution = resolution or self.transformer.config.sample_size * self.vae_scale_factor
 
-        for module in (self.transformer, self.vae, *self.text_encoders):
-            module.requires_grad_(False)
-            module.eval()
-        frozen = [self.vae, *self.text_encoders] + ([self.transformer] if use_lora else [])
-        for module in frozen:
-            module.to(self.device)
-            if self.dtype != torch.float32:
-                module.to(dtype=self.dtype)
-        if use_lora:
-            from peft import LoraConfig
-
-            self.transformer.add_adapter(
-                LoraConfig(
-                    r=lora_rank,
-                    lora_alpha=lora_alpha or lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=LORA_TARGET_MODULES,
-                )
-            )
-            for p in self.transformer.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-        else:
-            self.transformer.to(self.device).float().requires_grad_(True)
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        self.compile_transformer = compile_transformer
+        lora = (
+            {"rank": lora_rank, "alpha": lora_alpha or lora_rank, "targets": LORA_TARGET_MODULES} if use_lora else None
+        )
+        self.set_up_weights(
+            self.transformer, [self.vae, *self.text_encoders], lora=lora, gradient_checkpointing=gradient_checkpointing
+        )
+        self.compile_denoiser = compile_transformer
         self._denoiser = torch.compile(self.transformer) if compile_transformer else self.transformer
         self._reference = None  # full fine-tuning with KL: a frozen copy of the transformer before training
         self._negative = None
@@ -219,21 +195,12 @@ class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
         return self.transformer.config.patch_size
 
     @property
-    def max_num_steps(self) -> int:
-        return self.scheduler.config.num_train_timesteps
-
-    supports_branching = True
-
-    @property
     def stored_steps(self) -> int:
         start, end = self.window
         return end - start
 
     def trainable_module(self) -> torch.nn.Module:
         return self.transformer
-
-    def use_wrapped(self, wrapped: torch.nn.Module) -> None:
-        self._denoiser = torch.compile(wrapped) if self.compile_transformer else wrapped
 
     @contextlib.contextmanager
     def evaluation(self):
@@ -422,21 +389,6 @@ class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
         return log_prob, mean, std
 
     # -- export ------------------------------------------------------------------------------
-    @property
-    def export_is_exact(self) -> bool:
-        return not self.use_lora  # the full transformer saved by save_pretrained
-
-    def read_export(self, directory: str) -> dict[str, torch.Tensor]:
-        from diffusers import SD3Transformer2DModel
-
-        if self.use_lora:
-            return super().read_export(directory)
-        transformer_dir = os.path.join(directory, "transformer")
-        if not os.path.isdir(transformer_dir):  # from_pretrained would take a missing path for a Hub id
-            raise FileNotFoundError(f"{transformer_dir} is missing")
-        loaded = SD3Transformer2DModel.from_pretrained(transformer_dir, torch_dtype=torch.float32)
-        return {name: p.detach() for name, p in loaded.named_parameters()}
-
     def export(self, directory: str) -> list[str]:
         os.makedirs(directory, exist_ok=True)
         if self.use_lora:
@@ -453,6 +405,4 @@ class FlowMatchingDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
                 safe_serialization=True,
             )
             return [os.path.join(directory, "pytorch_lora_weights.safetensors")]
-        transformer_dir = os.path.join(directory, "transformer")
-        self.transformer.save_pretrained(transformer_dir)
-        return [transformer_dir]
+        return self.export_full(directory)

@@ -6,10 +6,7 @@ import torch
 
 from ddpo.errors import ConfigError
 from ddpo.pipelines.base import (
-    DTYPES,
-    DDPOPipeline,
-    DenoiserReference,
-    LatentDenoiser,
+    DenoiserPipeline,
     Rollout,
     check_window,
     forward_seeds,
@@ -29,7 +26,7 @@ SAMPLERS = {
 }
 
 
-class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
+class StableDiffusionDDPOPipeline(DenoiserPipeline):
     """Wraps a diffusers ``StableDiffusionPipeline``; the scheduler is replaced by DDIM.
 
     Only the UNet is trained: its LoRA adapters (``use_lora``) or all of its weights. Frozen
@@ -39,6 +36,7 @@ class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipelin
 
     accepts = ("StableDiffusionPipeline",)
     option = "ddim"
+    trained_folder, trained_class = "unet", "UNet2DConditionModel"
 
     def __init__(
         self,
@@ -87,9 +85,7 @@ class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipelin
         self.forward_process = EpsilonProcess(
             self.scheduler.alphas_cumprod, self.scheduler.config.get("prediction_type", "epsilon")
         )
-        self.device = torch.device(device)
-        self.use_lora = use_lora
-        self.dtype = DTYPES[mixed_precision]
+        self.set_placement(device, use_lora, mixed_precision)
         if resolution is not None and (resolution <= 0 or resolution % self.vae_scale_factor):
             raise ConfigError(
                 f"model.resolution must be a positive multiple of the VAE's downsampling factor "
@@ -97,45 +93,17 @@ class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipelin
             )
         self.resolution = resolution or self.unet.config.sample_size * self.vae_scale_factor
 
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
-        frozen = [self.vae, self.text_encoder] + ([self.unet] if use_lora else [])
-        for module in frozen:
-            module.to(self.device)
-            if self.dtype != torch.float32:
-                module.to(dtype=self.dtype)
-        if use_lora:
-            from peft import LoraConfig
-
-            self.unet.add_adapter(
-                LoraConfig(
-                    r=lora_rank,
-                    lora_alpha=lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=LORA_TARGET_MODULES,
-                )
-            )
-            for p in self.unet.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-        else:
-            self.unet.to(self.device).float().requires_grad_(True)
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+        lora = {"rank": lora_rank, "alpha": lora_rank, "targets": LORA_TARGET_MODULES} if use_lora else None
+        self.set_up_weights(
+            self.unet, [self.vae, self.text_encoder], lora=lora, gradient_checkpointing=gradient_checkpointing
+        )
         self._set_attention(attention)
-        self.compile_unet = compile_unet
+        self.compile_denoiser = compile_unet
         self._denoiser = torch.compile(self.unet) if compile_unet else self.unet
         self._negative_embeds = None
         self._reference = None  # full fine-tuning with KL: a frozen copy of the UNet before training
 
     # -- structure -------------------------------------------------------------------------
-    @property
-    def max_num_steps(self) -> int:
-        return self.scheduler.config.num_train_timesteps
-
-    supports_branching = True
-
     @property
     def stored_steps(self) -> int | None:
         if self.window is None:
@@ -145,9 +113,6 @@ class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipelin
 
     def trainable_module(self) -> torch.nn.Module:
         return self.unet
-
-    def use_wrapped(self, wrapped: torch.nn.Module) -> None:
-        self._denoiser = torch.compile(wrapped) if self.compile_unet else wrapped
 
     def _set_attention(self, attention: str) -> None:
         from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -327,21 +292,6 @@ class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipelin
         return log_prob, mean, std
 
     # -- export ------------------------------------------------------------------------------
-    @property
-    def export_is_exact(self) -> bool:
-        return not self.use_lora  # the full UNet saved by save_pretrained: parameters under their own names
-
-    def read_export(self, directory: str) -> dict[str, torch.Tensor]:
-        from diffusers import UNet2DConditionModel
-
-        if self.use_lora:
-            return super().read_export(directory)
-        unet_dir = os.path.join(directory, "unet")
-        if not os.path.isdir(unet_dir):  # from_pretrained would take a missing path for a Hub id
-            raise FileNotFoundError(f"{unet_dir} is missing")
-        loaded = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
-        return {name: p.detach() for name, p in loaded.named_parameters()}
-
     def export(self, directory: str) -> list[str]:
         os.makedirs(directory, exist_ok=True)
         if self.use_lora:
@@ -352,6 +302,4 @@ class StableDiffusionDDPOPipeline(LatentDenoiser, DenoiserReference, DDPOPipelin
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
             StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
             return [os.path.join(directory, "pytorch_lora_weights.safetensors")]
-        unet_dir = os.path.join(directory, "unet")
-        self.unet.save_pretrained(unet_dir)
-        return [unet_dir]
+        return self.export_full(directory)

@@ -21,6 +21,8 @@ PROMPT_FILE = os.path.join(os.path.dirname(__file__), "fixtures", "two_prompts.t
 EXTRA = {
     ("prompt", "from_file"): [f"prompt.path={PROMPT_FILE}"],
     ("experiment", "flowgrpo_pickscore"): [f"prompt.path={PROMPT_FILE}"],  # Flow-GRPO's prompt list is not shipped
+    ("experiment", "nft_pickscore_sd35"): [f"prompt.path={PROMPT_FILE}"],  # nor DiffusionNFT's
+    ("experiment", "awm_pickscore_sd35"): [f"prompt.path={PROMPT_FILE}"],  # nor AWM's
 }
 REQUIRED_METRICS = (
     "epoch",

@@ -73,7 +73,8 @@ def test_resume_with_changes_continues_and_records_each_change(copy):
     assert [r["epoch"] for r in read_metrics(copy)] == [0, 1, 2]
     history = [json.loads(line) for line in (copy / "config_history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [0, 2]
-    assert history[1]["changes"] == {"train.learning_rate": {"from": 3e-4, "to": 1e-4}}
+    change = {"from": 3e-4, "to": 1e-4}  # the optimizer node reads train.learning_rate: both are recorded
+    assert history[1]["changes"] == {"train.learning_rate": change, "optimizer.lr": change}
     assert "train.learning_rate=1e-4" in history[1]["overrides"]
     record = json.loads((checkpoint(copy, 3) / "run_config.json").read_text())
     assert record["config"]["train"]["learning_rate"] == 1e-4

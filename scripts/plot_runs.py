@@ -4,6 +4,7 @@
     python scripts/plot_runs.py outputs/run_a outputs/run_b --out-dir comparisons/ --metric reward_mean
 
     python scripts/plot_runs.py outputs/run_a --metric eval_shape_alignment_correct --metric eval_shape_proxy_mean
+    python scripts/plot_runs.py outputs/ddpo outputs/nft --metric eval_shape_alignment_correct --x time --max-minutes 20
 
 Each argument is a run directory (it holds ``metrics.jsonl``) or a sweep directory (its job
 subdirectories hold them). ``eval_*`` metrics are read from ``eval.jsonl`` (written by
@@ -12,6 +13,11 @@ with their 95% confidence band; ``--metric`` may be given several times (one lin
 that differ between the runs shown. Writes ``reward_curves.png`` and ``summary.csv`` (one row per
 job: its final and best reward) into ``--out-dir``: the sweep directory when there is one
 argument, else the working directory.
+
+``--x time`` puts the minutes of training on the x axis instead of epochs: the sum of the
+epochs' ``epoch_time_s`` (sampling, reward and training; evaluation excluded) up to each point, so
+that methods with cheap and costly epochs compare at the same compute; ``--max-minutes`` cuts the
+curves at a budget.
 """
 
 import argparse
@@ -50,12 +56,15 @@ def _job_order(path: str):
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
+def source_file(run_dir: str, metric: str) -> str:
+    """The file ``metric`` is read from: eval.jsonl for ``eval_*`` metrics when it exists, else metrics.jsonl."""
+    evals = metric.startswith("eval_") and os.path.isfile(os.path.join(run_dir, EVAL_FILE))
+    return EVAL_FILE if evals else METRICS_FILE
+
+
 def read_metrics(run_dir: str, metric: str = "reward_mean") -> list[dict]:
     """The run's records that hold ``metric``: eval.jsonl for ``eval_*`` metrics when it exists."""
-    name = (
-        EVAL_FILE if metric.startswith("eval_") and os.path.isfile(os.path.join(run_dir, EVAL_FILE)) else METRICS_FILE
-    )
-    with open(os.path.join(run_dir, name)) as handle:
+    with open(os.path.join(run_dir, source_file(run_dir, metric))) as handle:
         records = [json.loads(line) for line in handle if line.strip()]
     return sorted(records, key=lambda r: r["epoch"])
 
@@ -79,6 +88,29 @@ def labels_for(runs: list[str], overrides: list[list[str]]) -> list[str]:
     return labels
 
 
+def add_minutes(run_dir: str, records: list[dict], from_evals: bool) -> list[dict]:
+    """``records`` with ``minutes``: the training time (metrics.jsonl's ``epoch_time_s`` summed) behind each.
+
+    A metrics.jsonl record counts its own epoch; an eval.jsonl record (``epoch`` = epochs trained,
+    0 = before training) counts the epochs before it."""
+    with open(os.path.join(run_dir, METRICS_FILE)) as handle:
+        epochs = {r["epoch"]: r for r in (json.loads(line) for line in handle if line.strip())}
+    missing = [e for e, r in epochs.items() if r.get("epoch_time_s") is None]
+    if missing:
+        raise SystemExit(f"error: {run_dir}: epoch {missing[0]} has no epoch_time_s (needed by --x time)")
+    done = sorted(epochs)
+    cumulative, total = {}, 0.0
+    for epoch in done:
+        total += epochs[epoch]["epoch_time_s"]
+        cumulative[epoch] = total
+    out = []
+    for record in records:
+        trained = record["epoch"] if from_evals else record["epoch"] + 1
+        behind = [e for e in done if e < trained]
+        out.append(record | {"minutes": (cumulative[behind[-1]] if behind else 0.0) / 60})
+    return out
+
+
 def summarise(run: str, label: str, items: list[str], records: list[dict], metric: str) -> dict:
     values = [r[metric] for r in records if metric in r]
     last = records[-1] if records else {}
@@ -93,7 +125,7 @@ def summarise(run: str, label: str, items: list[str], records: list[dict], metri
     }
 
 
-def plot(series: list[tuple[str, list[dict], str]], path: str) -> None:
+def plot(series: list[tuple[str, list[dict], str]], path: str, x: str = "epoch", title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +139,7 @@ def plot(series: list[tuple[str, list[dict], str]], path: str) -> None:
         records = [r for r in records if r.get(metric) is not None]
         if not records:
             continue
-        epochs = np.array([r["epoch"] for r in records])
+        epochs = np.array([r["minutes" if x == "time" else "epoch"] for r in records])
         mean = np.array([r[metric] for r in records])
         short = label if len(label) <= 70 else label[:67] + "..."
         (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=short)
@@ -118,14 +150,19 @@ def plot(series: list[tuple[str, list[dict], str]], path: str) -> None:
             low = np.array([r[metric + "_ci_low"] for r in records])
             high = np.array([r[metric + "_ci_high"] for r in records])
             ax.fill_between(epochs, low, high, alpha=0.2, color=line.get_color())
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     evals = all(m.startswith("eval_") for m in metrics)
-    ax.set_xlabel("epochs trained" if evals else "epoch")
+    if x == "time":
+        ax.set_xlabel("minutes of training (evaluation excluded)")
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epochs trained" if evals else "epoch")
     if len(metrics) == 1:
         ax.set_ylabel(
             "reward (mean ± std)" if metrics[0] == "reward_mean" else metrics[0] + (" (95% CI)" if evals else "")
         )
     ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -142,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         help="a metrics.jsonl (or eval.jsonl, for eval_*) key to plot; repeat for several (default reward_mean)",
     )
     parser.add_argument("--out", help="the PNG to write (default <out-dir>/reward_curves.png)")
+    parser.add_argument(
+        "--x", choices=["epoch", "time"], default="epoch", help="x axis: epochs, or minutes of training"
+    )
+    parser.add_argument("--max-minutes", type=float, help="with --x time: drop the points past this training time")
+    parser.add_argument("--title", help="the plot's title")
     args = parser.parse_args(argv)
+    if args.max_minutes is not None and args.x != "time":
+        parser.error("--max-minutes needs --x time")
     metrics = args.metric or ["reward_mean"]
 
     runs = find_runs(args.paths)
@@ -159,6 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         for run, label in zip(runs, labels)
         for metric in metrics
     ]
+    if args.x == "time":
+        series = [
+            (label, add_minutes(run, records, source_file(run, metric) == EVAL_FILE), metric)
+            for run, (label, records, metric) in zip([r for r in runs for _ in metrics], series)
+        ]
+        if args.max_minutes is not None:
+            series = [
+                (label, [r for r in records if r["minutes"] <= args.max_minutes], metric)
+                for label, records, metric in series
+            ]
     missing = [
         metric
         for metric in metrics
@@ -167,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"error: no run has {', '.join(missing)} (eval_* metrics need eval.every > 0)")
     png = args.out or os.path.join(out_dir, "reward_curves.png")
-    plot(series, png)
+    plot(series, png, args.x, args.title)
     metric = metrics[0]
     records = [recs for _, recs, m in series if m == metric]  # one per run, in run order
     rows = [

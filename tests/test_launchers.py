@@ -155,3 +155,40 @@ def test_plot_runs_without_metrics_says_so(tmp_path):
     )
     assert result.returncode != 0
     assert "no metrics.jsonl" in result.stderr
+
+
+def _load_plot_runs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_runs", PLOT_RUNS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_runs_time_axis_counts_training_time_behind_each_point(tmp_path):
+    run = tmp_path / "run"
+    _fake_run(run, ["algorithm=nft"], [1.0, 2.0, 3.0])
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    with open(run / "metrics.jsonl", "w") as handle:
+        for record, seconds in zip(lines, (60.0, 120.0, 30.0)):
+            handle.write(json.dumps(record | {"epoch_time_s": seconds}) + "\n")
+    with open(run / "eval.jsonl", "w") as handle:  # "epoch" = epochs trained; evaluation time is not training
+        for trained, correct in ((0, 0.4), (2, 0.5), (3, 0.6)):
+            handle.write(json.dumps({"epoch": trained, "eval_correct": correct, "eval_time_s": 999.0}) + "\n")
+    plot_runs = _load_plot_runs()
+    evals = plot_runs.add_minutes(str(run), plot_runs.read_metrics(str(run), "eval_correct"), from_evals=True)
+    assert [r["minutes"] for r in evals] == [0.0, 3.0, 3.5]
+    epochs = plot_runs.add_minutes(str(run), plot_runs.read_metrics(str(run), "reward_mean"), from_evals=False)
+    assert [r["minutes"] for r in epochs] == [1.0, 3.0, 3.5]
+
+    png = tmp_path / "time.png"
+    args = [sys.executable, str(PLOT_RUNS), str(run), "--metric", "eval_correct", "--x", "time", "--out", str(png)]
+    result = subprocess.run(args + ["--max-minutes", "3"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "2 records, final eval_correct 0.5" in result.stdout  # the point at 3.5 minutes is past the budget
+    refused = subprocess.run(
+        [sys.executable, str(PLOT_RUNS), str(run), "--max-minutes", "3"], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode != 0 and "--max-minutes needs --x time" in refused.stderr

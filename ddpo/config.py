@@ -291,6 +291,14 @@ def warn_unusual(run: RunConfig) -> None:
             )
 
 
+RANDOM_WEIGHT_MODELS = ("ddpo.models.tiny_model", "ddpo.models.tiny_flow_model", "ddpo.models.tiny_sdxl_model")
+
+
+def random_weights(model_cfg) -> bool:
+    """Whether the model config builds one of the random-weight tiny models (no ``path`` to load)."""
+    return model_cfg.get("_target_") in RANDOM_WEIGHT_MODELS and not model_cfg.get("path")
+
+
 def plan_batches(run: RunConfig, world_size: int = 1, stored_steps: int | None = None) -> BatchPlan:
     """Check the run's numbers and return its batch arithmetic; ConfigError names the bad key.
 
@@ -490,6 +498,16 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     if algorithm.rollout == FINAL and pipeline.forward_process is None:
         raise ConfigError(
             f"{type(pipeline).__name__} has no forward process: algorithm={type(algorithm).__name__} cannot train it"
+        )
+    if algorithm.rollout == FINAL and random_weights(cfg.model):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "model %s has random weights: %s scores samples by the diffusion loss, which is the sampler's "
+            "likelihood only for a trained denoiser, and does not learn on it (README: forward-process "
+            "methods need a denoiser; try experiment=tiny_shapes_compressibility)",
+            cfg.model._target_.rsplit(".", 1)[-1],
+            type(algorithm).__name__,
         )
     if algorithm.stored_steps is not None:  # the algorithm decides the transitions (branched chains)
         if not pipeline.supports_branching:

@@ -225,3 +225,48 @@ def test_the_ddim_pipeline_checks_its_own_eta(tmp_path):
     plan_batches(run_config(compose(["sample.eta=0"])))  # the schema has no opinion
     with pytest.raises(ConfigError, match=r"sample\.eta must be > 0"):
         build(compose(["model=tiny", "logger=none", "sample.eta=0"]), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "preset, alignment",
+    [
+        ("tiny_shapes_compressibility", "tiny_shapes_alignment"),
+        ("tiny_shapes_flow_compressibility", "tiny_shapes_flow_alignment"),
+    ],
+)
+@pytest.mark.parametrize("algorithm", ["nft", "awm"])
+def test_the_compressibility_presets_on_the_pretrained_models_are_their_alignment_twins(preset, alignment, algorithm):
+    """The README's forward-process figures were measured with the alignment presets and the reward
+    swapped: the compressibility presets compose to the same training config (evaluation aside)."""
+    ours = OmegaConf.to_container(compose([f"experiment={preset}", f"algorithm={algorithm}"]), resolve=True)
+    measured = compose(
+        [f"experiment={alignment}", "reward=jpeg_compressibility", "eval.every=0", "num_epochs=30", "save_freq=30"]
+        + [f"algorithm={algorithm}"]
+    )
+    measured = OmegaConf.to_container(measured, resolve=True)
+    ours.pop("eval"), measured.pop("eval")
+    assert ours == measured
+
+
+def test_forward_process_runs_on_a_random_weight_model_are_recognised():
+    """What the start-up warning for nft/awm on model=tiny, tiny_flow, tiny_sdxl reads."""
+    from ddpo.config import random_weights
+
+    assert all(random_weights(compose([f"model={m}"]).model) for m in ("tiny", "tiny_flow", "tiny_sdxl"))
+    assert not random_weights(compose(["model=tiny_shapes"]).model)
+    assert not random_weights(compose(["model=tiny", "model.path=/some/trained/model"]).model)
+    assert not random_weights(compose(["model=sd15"]).model)
+
+
+@pytest.mark.parametrize("algorithm, warned", [("nft", True), ("awm", True), ("ddpo", False)])
+def test_a_forward_process_algorithm_on_the_random_tiny_model_is_warned_at_start(tmp_path, caplog, algorithm, warned):
+    from ddpo.config import build
+    from tests.conftest import TINY
+
+    overrides = TINY + [f"algorithm={algorithm}"] + (["algorithm.group_size=2"] if algorithm != "ddpo" else [])
+    with caplog.at_level("WARNING", logger="ddpo.config"):
+        build(compose(overrides), str(tmp_path))
+    messages = [r.getMessage() for r in caplog.records if "random weights" in r.getMessage()]
+    assert bool(messages) == warned, messages
+    if warned:
+        assert "tiny_model" in messages[0] and "tiny_shapes_compressibility" in messages[0]

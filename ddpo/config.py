@@ -291,14 +291,6 @@ def warn_unusual(run: RunConfig) -> None:
             )
 
 
-RANDOM_WEIGHT_MODELS = ("ddpo.models.tiny_model", "ddpo.models.tiny_flow_model", "ddpo.models.tiny_sdxl_model")
-
-
-def random_weights(model_cfg) -> bool:
-    """Whether the model config builds one of the random-weight tiny models (no ``path`` to load)."""
-    return model_cfg.get("_target_") in RANDOM_WEIGHT_MODELS and not model_cfg.get("path")
-
-
 def plan_batches(run: RunConfig, world_size: int = 1, stored_steps: int | None = None) -> BatchPlan:
     """Check the run's numbers and return its batch arithmetic; ConfigError names the bad key.
 
@@ -499,6 +491,8 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
         raise ConfigError(
             f"{type(pipeline).__name__} has no forward process: algorithm={type(algorithm).__name__} cannot train it"
         )
+    from ddpo.models.loading import random_weights
+
     if algorithm.rollout == FINAL and random_weights(cfg.model):
         import logging
 

@@ -21,7 +21,9 @@ curves at a budget.
 """
 
 import argparse
+import bisect
 import csv
+import itertools
 import json
 import os
 import sys
@@ -93,22 +95,23 @@ def add_minutes(run_dir: str, records: list[dict], from_evals: bool) -> list[dic
 
     A metrics.jsonl record counts its own epoch; an eval.jsonl record (``epoch`` = epochs trained,
     0 = before training) counts the epochs before it."""
-    with open(os.path.join(run_dir, METRICS_FILE)) as handle:
-        epochs = {r["epoch"]: r for r in (json.loads(line) for line in handle if line.strip())}
-    missing = [e for e, r in epochs.items() if r.get("epoch_time_s") is None]
+    epochs = read_metrics(run_dir)  # metrics.jsonl, by epoch
+    missing = [r["epoch"] for r in epochs if r.get("epoch_time_s") is None]
     if missing:
         raise SystemExit(f"error: {run_dir}: epoch {missing[0]} has no epoch_time_s (needed by --x time)")
-    done = sorted(epochs)
-    cumulative, total = {}, 0.0
-    for epoch in done:
-        total += epochs[epoch]["epoch_time_s"]
-        cumulative[epoch] = total
-    out = []
-    for record in records:
-        trained = record["epoch"] if from_evals else record["epoch"] + 1
-        behind = [e for e in done if e < trained]
-        out.append(record | {"minutes": (cumulative[behind[-1]] if behind else 0.0) / 60})
-    return out
+    numbers = [r["epoch"] for r in epochs]
+    seconds = [0.0, *itertools.accumulate(r["epoch_time_s"] for r in epochs)]  # before each epoch, and after all
+    trained = (lambda r: r["epoch"]) if from_evals else (lambda r: r["epoch"] + 1)
+    return [r | {"minutes": seconds[bisect.bisect_left(numbers, trained(r))] / 60} for r in records]
+
+
+def read_series(run_dir: str, metric: str, x: str, max_minutes: float | None) -> list[dict]:
+    """The run's records of ``metric``; with ``x="time"`` each with its ``minutes``, cut at ``max_minutes``."""
+    records = read_metrics(run_dir, metric)
+    if x != "time":
+        return records
+    records = add_minutes(run_dir, records, source_file(run_dir, metric) == EVAL_FILE)
+    return [r for r in records if max_minutes is None or r["minutes"] <= max_minutes]
 
 
 def summarise(run: str, label: str, items: list[str], records: list[dict], metric: str) -> dict:
@@ -197,22 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     series = [
         (
             label if len(metrics) == 1 else f"{label} {metric}" if len(runs) > 1 else metric,
-            read_metrics(run, metric),
+            read_series(run, metric, args.x, args.max_minutes),
             metric,
         )
         for run, label in zip(runs, labels)
         for metric in metrics
     ]
-    if args.x == "time":
-        series = [
-            (label, add_minutes(run, records, source_file(run, metric) == EVAL_FILE), metric)
-            for run, (label, records, metric) in zip([r for r in runs for _ in metrics], series)
-        ]
-        if args.max_minutes is not None:
-            series = [
-                (label, [r for r in records if r["minutes"] <= args.max_minutes], metric)
-                for label, records, metric in series
-            ]
     missing = [
         metric
         for metric in metrics

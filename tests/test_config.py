@@ -250,12 +250,13 @@ def test_the_compressibility_presets_on_the_pretrained_models_are_their_alignmen
 
 def test_forward_process_runs_on_a_random_weight_model_are_recognised():
     """What the start-up warning for nft/awm on model=tiny, tiny_flow, tiny_sdxl reads."""
-    from ddpo.config import random_weights
+    from ddpo.models.loading import random_weights
 
     assert all(random_weights(compose([f"model={m}"]).model) for m in ("tiny", "tiny_flow", "tiny_sdxl"))
     assert not random_weights(compose(["model=tiny_shapes"]).model)
     assert not random_weights(compose(["model=tiny", "model.path=/some/trained/model"]).model)
     assert not random_weights(compose(["model=sd15"]).model)
+    assert all(random_weights(compose([f"model={m}"]).model) for m in ("sd15_arch", "sd3_arch"))
 
 
 @pytest.mark.parametrize("algorithm, warned", [("nft", True), ("awm", True), ("ddpo", False)])

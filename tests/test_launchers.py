@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import CONF_DIR, ROOT, TINY, compose, read_metrics
+from tests.conftest import CONF_DIR, ROOT, TINY, compose, load_script, read_metrics
 from tests.scale_out import epochs, failure_report, multirun
 
 PLOT_RUNS = ROOT / "scripts" / "plot_runs.py"
@@ -157,15 +157,6 @@ def test_plot_runs_without_metrics_says_so(tmp_path):
     assert "no metrics.jsonl" in result.stderr
 
 
-def _load_plot_runs():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("plot_runs", PLOT_RUNS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_plot_runs_time_axis_counts_training_time_behind_each_point(tmp_path):
     run = tmp_path / "run"
     _fake_run(run, ["algorithm=nft"], [1.0, 2.0, 3.0])
@@ -176,7 +167,7 @@ def test_plot_runs_time_axis_counts_training_time_behind_each_point(tmp_path):
     with open(run / "eval.jsonl", "w") as handle:  # "epoch" = epochs trained; evaluation time is not training
         for trained, correct in ((0, 0.4), (2, 0.5), (3, 0.6)):
             handle.write(json.dumps({"epoch": trained, "eval_correct": correct, "eval_time_s": 999.0}) + "\n")
-    plot_runs = _load_plot_runs()
+    plot_runs = load_script("plot_runs")
     evals = plot_runs.add_minutes(str(run), plot_runs.read_metrics(str(run), "eval_correct"), from_evals=True)
     assert [r["minutes"] for r in evals] == [0.0, 3.0, 3.5]
     epochs = plot_runs.add_minutes(str(run), plot_runs.read_metrics(str(run), "reward_mean"), from_evals=False)

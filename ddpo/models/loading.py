@@ -146,6 +146,18 @@ def sd15_architecture(seed: int = 0, resolution: int = 512):
     return build_sd15_architecture(seed=seed, resolution=resolution)
 
 
+# the builders above that make random weights (unless given a ``path`` to load): no trained denoiser
+RANDOM_WEIGHT_BUILDERS = tuple(
+    f"ddpo.models.{f.__name__}"
+    for f in (tiny_model, tiny_sdxl_model, tiny_flow_model, sd3_architecture, sd15_architecture)
+)
+
+
+def random_weights(model_cfg) -> bool:
+    """Whether a model config builds random weights (a tiny or architecture-only model, no ``path``)."""
+    return model_cfg.get("_target_") in RANDOM_WEIGHT_BUILDERS and not model_cfg.get("path")
+
+
 def tiny_shapes_dir(name: str = "tiny_shapes"):
     """A shipped tiny shapes model (``scripts/pretrain_tiny.py``): package data in ``ddpo/assets``
     (``tiny_shapes``: the DDIM model; ``tiny_shapes_flow``: its flow-matching twin)."""

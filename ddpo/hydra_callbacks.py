@@ -7,6 +7,7 @@ into one ``error: ...`` line. ``HYDRA_FULL_ERROR=1`` still shows Hydra's report 
 
 import contextlib
 import dataclasses
+import difflib
 import enum
 import os
 import re
@@ -121,9 +122,23 @@ def _missing_option(exc: MissingConfigException) -> str | None:
         return None
     where, _, what = first.rpartition(": ")
     where = "" if where in ("", "In 'config'") else f"{where[:1].lower()}{where[1:]}: "
-    group = missing.rpartition("/")[0]
-    options = f"options of {group}: {', '.join(exc.options)}" if exc.options else f"no config group {group!r}"
-    return f"{where}{what[:1].lower()}{what[1:]} ({options})"
+    group, _, name = missing.rpartition("/")
+    return f"{where}{what[:1].lower()}{what[1:]} ({_options_hint(group, name, list(exc.options or []))})"
+
+
+OPTIONS_LISTED = 240  # characters of option names an error line lists before it names close matches only
+
+
+def _options_hint(group: str, name: str, options: list[str]) -> str:
+    """The group's options when they fit on the line; otherwise the close matches and where the rest are listed."""
+    if not options:
+        return f"no config group {group!r}"
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+    guess = f"did you mean {' or '.join(close)}? " if close else ""
+    listed = ", ".join(options)
+    if len(listed) <= OPTIONS_LISTED:
+        return f"{guess}options of {group}: {listed}"
+    return f"{guess}{group} has {len(options)} options, listed by {_command()} --help"
 
 
 def _parse_detail(message: str) -> str:

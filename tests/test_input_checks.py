@@ -233,7 +233,23 @@ COMPOSITION = {
     "null_group": (["model=null"], "error: Config group override must be a string or a list. Got NoneType"),
     "group_as_value": (["sample=3"], "error: sample is a group of keys (num_steps, eta, "),
     "help_with_unknown_option": (["reward=nosuch", "--help"], "error: could not find 'reward/nosuch'"),
+    "misspelt_option_of_a_long_group": (
+        ["experiment=tiny_compresibility"],
+        "error: could not find 'experiment/tiny_compresibility' (did you mean tiny_compressibility",
+    ),
 }
+
+
+def test_a_long_group_names_close_matches_instead_of_every_option():
+    from ddpo.hydra_callbacks import OPTIONS_LISTED, _options_hint
+
+    many = [f"preset_number_{i:02d}" for i in range(40)]
+    hint = _options_hint("experiment", "preset_numbr_07", many)
+    assert hint.startswith("did you mean preset_number_07") and "40 options" in hint and "--help" in hint
+    assert len(hint) < OPTIONS_LISTED
+    few = ["aesthetic", "pickscore"]
+    assert _options_hint("reward", "aestetic", few) == "did you mean aesthetic? options of reward: aesthetic, pickscore"
+    assert _options_hint("reward", "zzz", few) == "options of reward: aesthetic, pickscore"
 
 
 def run_app(args, tmp_path, env=None, console_script=False):

@@ -119,8 +119,17 @@ class BatchPlan:
     def samples_per_epoch(self) -> int:
         return self.samples_per_epoch_per_process * self.world_size
 
+    differentiable: bool = False  # reward-gradient training: one optimizer step per accumulated sampling batches
+
     def summary(self, run: RunConfig) -> str:
         s, t = run.sample, run.train
+        if self.differentiable:
+            return (
+                f"world size {self.world_size}; per epoch: {self.samples_per_epoch} samples "
+                f"({self.world_size} process(es) x {s.num_batches_per_epoch} batches x {s.batch_size}), sampled "
+                f"with gradients; {self.optimizer_steps_per_epoch} optimizer steps (global batch "
+                f"{s.batch_size * self.world_size * t.gradient_accumulation_steps} samples)"
+            )
         return (
             f"world size {self.world_size}; per epoch: {self.samples_per_epoch} samples "
             f"({self.world_size} process(es) x {s.num_batches_per_epoch} batches x {s.batch_size}), "
@@ -340,6 +349,29 @@ def check_resolution(resolution) -> None:
         raise ConfigError(f"model.resolution must be in (0, {MAX_RESOLUTION}] pixels (got {resolution})")
 
 
+def check_reward_gradient(algorithm, reward_fn, reward_name: str, run: RunConfig) -> None:
+    """A reward-gradient algorithm needs a reward with gradients and whole optimizer steps per epoch."""
+    from ddpo.algorithms import DIFFERENTIABLE
+
+    if algorithm.rollout != DIFFERENTIABLE:
+        return
+    name = type(algorithm).__name__
+    if not getattr(reward_fn, "differentiable", False):
+        raise ConfigError(
+            f"algorithm={name.lower()} backpropagates the reward, but reward={reward_name} gives no gradients "
+            "(JPEG sizes, exact checkers and remote rewards cannot): use aesthetic, pickscore, hpsv2, clip_score, "
+            "shape_proxy or a mix of them, or a policy-gradient algorithm (algorithm=ddpo, grpo)"
+        )
+    s, t = run.sample, run.train
+    if s.num_batches_per_epoch % t.gradient_accumulation_steps:
+        raise ConfigError(
+            f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} does not divide "
+            f"sample.num_batches_per_epoch={s.num_batches_per_epoch} (algorithm={name.lower()} takes an optimizer "
+            "step every gradient_accumulation_steps sampling batches)"
+        )
+    algorithm.check_steps(s.num_steps)
+
+
 def run_config(cfg: DictConfig) -> RunConfig:
     """The typed, plain-Python part of the config that the loop reads."""
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
@@ -463,6 +495,7 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     if hasattr(reward_fn, "to"):
         reward_fn.to(accelerator.device)  # in the reward's own dtype (reward.dtype), not the run's mixed precision
     check_reward_prompts(reward_fn, prompt_fn, reward_name)
+    check_reward_gradient(algorithm, reward_fn, reward_name, run)
     from accelerate.utils import set_seed
 
     set_seed(run.seed)  # LoRA's random init, and anything else drawn from the global generators
@@ -483,8 +516,22 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
             f"sample.num_steps={run.sample.num_steps} exceeds the scheduler's "
             f"{pipeline.max_num_steps} training timesteps"
         )
-    from ddpo.algorithms import FINAL
+    from ddpo.algorithms import DIFFERENTIABLE, FINAL
+    from ddpo.pipelines.base import DDPOPipeline
 
+    if algorithm.rollout == DIFFERENTIABLE:
+        if type(pipeline).sample_with_grad is DDPOPipeline.sample_with_grad:
+            raise ConfigError(
+                f"{type(pipeline).__name__} cannot sample with gradients, which "
+                f"algorithm={type(algorithm).__name__.lower()} trains through"
+            )
+        s = run.sample
+        plan = dataclasses.replace(
+            plan,
+            train_batches_per_epoch=s.num_batches_per_epoch,
+            optimizer_steps_per_epoch=s.num_batches_per_epoch // run.train.gradient_accumulation_steps,
+            differentiable=True,
+        )
     # a forward-process algorithm trains each final sample at the sampler's steps; windows choose transitions
     stored_steps = pipeline.stored_steps if algorithm.rollout != FINAL else None
     if algorithm.rollout == FINAL and pipeline.forward_process is None:

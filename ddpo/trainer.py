@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpo.algorithms import Algorithm
+from ddpo.algorithms import DIFFERENTIABLE, Algorithm
 from ddpo.checkpointing import (
     CHECKPOINT_DIR,
     FINAL_DIR,
@@ -97,6 +97,14 @@ class EpochSamples:
     all_prompts: list[str] | None = None  # and their prompts
 
 
+def batch_prompts(comps: Components, run, epoch: int, indices: list[int]):
+    """(prompts, metadata, noise generators) of the epoch's samples ``indices``: functions of their seeds only."""
+    seeds = [comps.algorithm.sample_seeds(run.seed, epoch, index) for index in indices]
+    prompts, metadata = map(list, zip(*(comps.prompt_fn(random.Random(prompt_seed)) for prompt_seed, _ in seeds)))
+    device = comps.accelerator.device
+    return prompts, metadata, [torch.Generator(device=device).manual_seed(noise_seed) for _, noise_seed in seeds]
+
+
 def sample_epoch(
     comps: Components, run, epoch: int, executor: RewardWorker, stop: Callable[[], None] | None = None
 ) -> EpochSamples:
@@ -121,9 +129,7 @@ def sample_epoch(
     )
     for i in bar:
         indices = [first + i * s.batch_size + j for j in range(s.batch_size)]
-        seeds = [algorithm.sample_seeds(run.seed, epoch, index) for index in indices]
-        prompts, metadata = map(list, zip(*(comps.prompt_fn(random.Random(prompt_seed)) for prompt_seed, _ in seeds)))
-        generator = [torch.Generator(device=accelerator.device).manual_seed(noise_seed) for _, noise_seed in seeds]
+        prompts, metadata, generator = batch_prompts(comps, run, epoch, indices)
         shared = [algorithm.shared_noise_seed(run.seed, epoch, index) for index in indices]
         branch = [algorithm.branch_step(run.seed, epoch, index) for index in indices]
         noise = {}  # only what the algorithm asks for: a pipeline written for sample(conditioning, generator) still runs
@@ -253,6 +259,102 @@ def train_epoch(
     return means
 
 
+def record_norm(norms: list, index: int, gradient: torch.Tensor) -> None:
+    """A tensor hook: keep the norm of the gradient that reaches it (``norms[index]``)."""
+    norms[index] = gradient.detach().float().norm()
+
+
+def differentiable_epoch(comps: Components, run, epoch: int, optimizer, model, state: TrainingState):
+    """Reward-gradient training (a ``DIFFERENTIABLE`` rollout): each sampling batch is drawn with
+    gradients through its chain's last K steps and the decode, scored by the reward's differentiable
+    path, and its loss backpropagated; an optimizer step every ``train.gradient_accumulation_steps``
+    batches. Gradients are averaged over processes by hand (the tail's checkpointed denoiser calls
+    rerun in the backward pass, where a DDP wrapper must not be called).
+
+    Returns (this process's samples, mean diagnostics, seconds in backward passes and optimizer steps)."""
+    s, t = run.sample, run.train
+    accelerator, pipeline, algorithm = comps.accelerator, comps.pipeline, comps.algorithm
+    device, world = accelerator.device, accelerator.num_processes
+    first = accelerator.process_index * s.batch_size * s.num_batches_per_epoch
+    parameters = pipeline.trainable_parameters()
+    totals: dict[str, list] = {"loss": [], "grad_norm": [], "grad_steps": []}
+    batches, prompts_all, meta_all, rewards_all, hook_data = [], [], [], [], []
+    started, backward_s = time.perf_counter(), 0.0
+    pipeline.use_wrapped(accelerator.unwrap_model(model))
+    model.eval()  # no dropout: the chain is the one ``sample`` draws
+    bar = tqdm(
+        range(s.num_batches_per_epoch),
+        desc=f"epoch {epoch}: sampling with gradients",
+        leave=False,
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
+    try:
+        for i in bar:
+            indices = [first + i * s.batch_size + j for j in range(s.batch_size)]
+            prompts, metadata, generator = batch_prompts(comps, run, epoch, indices)
+            k = algorithm.steps_of_batch(run.seed, epoch, indices[0])  # keyed by the batch's first sample
+            out = pipeline.sample_with_grad(
+                pipeline.encode_prompts(prompts), generator, k, algorithm.draws, algorithm.checkpoint
+            )
+            repeat = algorithm.draws
+            drawn_prompts = [p for p in prompts for _ in range(repeat)]
+            drawn_meta = [m for m in metadata for _ in range(repeat)]
+            scores = comps.reward_fn.score_with_grad(out.images, drawn_prompts, drawn_meta)
+            step_norms = [torch.zeros((), device=device) for _ in out.step_outputs]
+            for j, output in enumerate(out.step_outputs):  # how much of the gradient each step carries
+                output.register_hook(functools.partial(record_norm, step_norms, j))
+            loss, stats = algorithm.loss(pipeline, {"rewards": scores}, None)
+            backward_started = time.perf_counter()
+            accelerator.backward(loss / t.gradient_accumulation_steps)
+            totals["loss"].append(loss.detach())
+            totals["grad_steps"].append(torch.tensor(float(k), device=device))
+            shares = torch.stack(step_norms) / torch.stack(step_norms).sum().clamp(min=1e-30)
+            totals.setdefault("grad_share_last_step", []).append(shares[-1])
+            for key, value in stats.items():
+                totals.setdefault(key, []).append(value)
+            if (i + 1) % t.gradient_accumulation_steps == 0:
+                if world > 1:  # what DDP does: the mean of every process's gradient
+                    for p in parameters:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+                grad_norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm)
+                totals["grad_norm"].append(torch.as_tensor(grad_norm, device=device).float())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.global_step += 1
+            backward_s += time.perf_counter() - backward_started
+            images = out.images.detach()[::repeat].float()
+            rewards = scores.detach().float().reshape(-1, repeat).mean(dim=1).cpu()
+            batches.append(Rollout({}, {}, images))
+            prompts_all.extend(prompts)
+            meta_all.extend(metadata)
+            rewards_all.append(rewards)
+            if comps.image_hook is not None:
+                hook_data.append([images.cpu(), prompts, metadata, rewards])
+    finally:
+        pipeline.use_wrapped(model)
+    means = {}
+    for key, values in totals.items():
+        value = torch.stack([v.float() for v in values]).mean() if values else torch.zeros((), device=device)
+        means[key] = accelerator.reduce(value.to(device), reduction="mean").item()
+    elapsed = time.perf_counter() - started
+    samples = EpochSamples(
+        Rollout.cat(batches),
+        prompts_all,
+        meta_all,
+        torch.cat(rewards_all),
+        {},
+        hook_data,
+        sample_s=elapsed - backward_s,
+        reward_wait_s=0.0,
+        reward_s=0.0,
+    )
+    return samples, means, backward_s
+
+
 # -- checkpoints --------------------------------------------------------------------------------
 
 
@@ -323,6 +425,7 @@ def prepare(comps: Components, run):
         pipeline.keep_reference()  # before training moves the weights
     if algorithm.needs_old_policy:
         pipeline.keep_old_policy()
+    algorithm.start(pipeline)  # before resume_run loads trained weights: what the run starts from
     optimizer = (comps.optimizer or default_optimizer(run.train))(pipeline.trainable_parameters())
     model, optimizer = comps.accelerator.prepare(pipeline.trainable_module(), optimizer)
     pipeline.use_wrapped(model)
@@ -451,11 +554,15 @@ def epoch_record(comps: Components, epoch: int, state: TrainingState, samples: E
 def run_epoch(comps: Components, run, epoch: int, state: TrainingState, executor, optimizer, model, stops: Stops):
     """Sample, reward, advantages, train, the algorithm's end of epoch; returns (record, samples)."""
     started = time.perf_counter()
-    samples = sample_epoch(comps, run, epoch, executor, stops.waiting_for_rewards(epoch))
-    advantages, all_rewards, all_info, all_prompts = compute_advantages(comps, samples)
-    train_started = time.perf_counter()
-    stats = train_epoch(comps, run, epoch, samples.batch, advantages, optimizer, model, state)
-    train_s = time.perf_counter() - train_started
+    if comps.algorithm.rollout == DIFFERENTIABLE:  # sampling and training interleaved, batch by batch
+        samples, stats, train_s = differentiable_epoch(comps, run, epoch, optimizer, model, state)
+        _, all_rewards, all_info, all_prompts = compute_advantages(comps, samples)
+    else:
+        samples = sample_epoch(comps, run, epoch, executor, stops.waiting_for_rewards(epoch))
+        advantages, all_rewards, all_info, all_prompts = compute_advantages(comps, samples)
+        train_started = time.perf_counter()
+        stats = train_epoch(comps, run, epoch, samples.batch, advantages, optimizer, model, state)
+        train_s = time.perf_counter() - train_started
     check_finite_training(stats, epoch, comps.run_dir)
     comps.algorithm.end_epoch(comps.pipeline, state.global_step)
     check_finite_weights(comps.pipeline, epoch, comps.run_dir)

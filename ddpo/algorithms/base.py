@@ -5,8 +5,9 @@ An algorithm decides, and the loop asks it:
 - how an epoch's samples get their prompts and noise (``sample_seeds``): one prompt per sample,
   or groups of samples sharing a prompt;
 - which kind of rollout it trains on (``rollout``): ``"transitions"`` (every step's latents and
-  log probability, for policy gradients) or ``"final"`` (the clean sample and its conditioning
-  only, for forward-process methods); the pipeline fills it;
+  log probability, for policy gradients), ``"final"`` (the clean sample and its conditioning
+  only, for forward-process methods) or ``"differentiable"`` (nothing stored: each batch is sampled
+  with gradients and its differentiable reward is the loss, for reward-gradient methods);
 - how advantages follow from the rewards of the whole epoch, gathered from every process in the
   order of the samples' global index (``advantages``);
 - the loss of a training batch (``loss``), given the pipeline that scores it;
@@ -29,7 +30,7 @@ import torch
 from ddpo.errors import ConfigError
 from ddpo.seeds import derived_seed, sample_seed
 
-TRANSITIONS, FINAL = "transitions", "final"  # the kinds of rollout (ddpo.pipelines.base)
+TRANSITIONS, FINAL, DIFFERENTIABLE = "transitions", "final", "differentiable"  # rollout kinds (ddpo.pipelines.base)
 
 
 class Algorithm(ABC):
@@ -88,6 +89,9 @@ class Algorithm(ABC):
         """Forward passes (no gradients) of other policies per call of the trained one in ``loss``: what
         ``scripts/bench.py`` adds to the compute floor."""
         return int(self.needs_reference)
+
+    def start(self, pipeline) -> None:
+        """Before training, and before a resume loads the trained weights (what the run starts from)."""
 
     def sampling_policy(self, pipeline):
         """The policy the epoch's rollouts are drawn with (a context manager): the trained one by default."""

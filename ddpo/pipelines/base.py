@@ -16,7 +16,8 @@ from ddpo.schedulers.ddim import draw_noise
 
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # the trained tensors under their own names
 OLD_POLICY_FILE = "old_policy.safetensors"  # the old policy's weights (forward-process algorithms), by the same names
-TRANSITIONS, FINAL = "transitions", "final"  # the kinds of rollout an algorithm asks for (Algorithm.rollout)
+# the kinds of rollout an algorithm asks for (Algorithm.rollout); a differentiable one is sampled inside the loss
+TRANSITIONS, FINAL, DIFFERENTIABLE = "transitions", "final", "differentiable"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # mixed_precision -> frozen dtype
 
 
@@ -150,6 +151,12 @@ class DDPOPipeline(ABC):
         """Sample with the collection sampler (``pipeline.sampler``: any, no log probabilities) and keep
         the clean latents and the conditioning only (a ``FINAL`` rollout)."""
         raise NotImplementedError(f"{type(self).__name__} has no forward process (forward-process algorithms)")
+
+    # -- the differentiable tail (reward-gradient algorithms: DRaFT, AlignProp) ----------------------
+    def sample_with_grad(self, conditioning, generator, grad_steps: int, draws: int = 1, checkpoint: bool = True):
+        """Images whose graph reaches the trained weights through the chain's last ``grad_steps`` steps
+        and the decode (``DifferentiableSample``); see ``DenoiserPipeline.sample_with_grad``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample with gradients (reward-gradient algorithms)")
 
     # -- the forward process (forward-process algorithms: DiffusionNFT, AWM) --------------------------
     forward_process = None  # ddpo.schedulers.forward: EpsilonProcess or FlowProcess
@@ -371,16 +378,44 @@ class DDPOPipeline(ABC):
                 raise WeightsMismatch(f"{old}: {exc}") from None
 
 
+@dataclass
+class DifferentiableSample:
+    """What ``sample_with_grad`` returns: images with their graph, and the differentiated steps' outputs."""
+
+    images: torch.Tensor  # (B * draws, 3, H, W) in [0, 1]; draws of one sample are adjacent rows
+    step_outputs: list[torch.Tensor]  # the network outputs of the differentiated steps, oldest first
+    grad_steps: int  # steps differentiated
+    draws: int  # images per sample (DRaFT-LV's re-drawn last step; 1 otherwise)
+
+
+def _checkpointed(function, *args, enabled: bool):
+    """``function(*args)``, its activations recomputed in the backward pass when ``enabled``."""
+    if not enabled:
+        return function(*args)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=False)
+
+
 class LatentDenoiser:
     """What the pipelines that run a VAE and a denoiser under mixed precision share; the pipeline
-    sets ``self.vae``, ``self.device`` and ``self.dtype``."""
+    sets ``self.vae``, ``self.device`` and ``self.dtype``, and defines ``decode_with_grad``."""
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) float32 in [0, 1] of clean latents."""
+        return self.decode_with_grad(latents)
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    # the dtype the chain's latents, network outputs and images are computed in: float32 (float64 in the
+    # tests that check the reward's gradient against finite differences, with every module in float64)
+    chain_dtype = torch.float32
+
     def _autocast(self):
-        if self.dtype == torch.float32:
+        if self.dtype in (torch.float32, torch.float64):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
@@ -488,6 +523,53 @@ class DenoiserPipeline(LatentDenoiser, DenoiserReference, DDPOPipeline):
     @property
     def max_num_steps(self) -> int:
         return self.scheduler.config.num_train_timesteps
+
+    # the chain step by step, which each family defines: chain_start(conditioning, generator) ->
+    # (conditioning, initial latents, steps); chain_output(i, latents, conditioning) -> the (guided)
+    # network output at step i; chain_step(i, output, latents, generator) -> the next latents. ``sample``
+    # draws the same chain (same noise from the same generators) without gradients.
+    def sample_with_grad(self, conditioning, generator, grad_steps: int, draws: int = 1, checkpoint: bool = True):
+        """The chain of ``sample`` with gradients through its last ``grad_steps`` steps and the decode
+        (DRaFT-K; AlignProp draws ``grad_steps`` per batch); the steps before run without gradients.
+
+        ``draws`` > 1 (DRaFT-LV, ``grad_steps`` = 1): the chain is finished without gradients, its clean
+        latent re-noised to the last step's input ``draws`` times with fresh noise (from each sample's
+        generator), and the last step differentiated from each. ``checkpoint``: the denoiser calls and
+        the decode keep no activations; the backward pass recomputes them (memory for compute).
+        """
+        conditioning, latents, num_steps = self.chain_start(conditioning, generator)
+        if not 1 <= grad_steps <= num_steps:
+            raise ConfigError(
+                f"the reward gradient must pass through 1 to {num_steps} sampling steps (got {grad_steps}): "
+                "with 0 nothing reaches the trained weights"
+            )
+        if draws > 1 and grad_steps != 1:
+            raise ConfigError(f"re-drawing the last step (DRaFT-LV, {draws} draws) differentiates one step only")
+        first = num_steps - grad_steps
+        with torch.no_grad():
+            for i in range(first if draws == 1 else num_steps):
+                latents = self.chain_step(i, self.chain_output(i, latents, conditioning), latents, generator)
+        if draws > 1:
+            latents, conditioning, generator = self._redrawn_last_input(latents, conditioning, generator, draws)
+        outputs = []
+        for i in range(first, num_steps):
+            output = _checkpointed(self.chain_output, i, latents, conditioning, enabled=checkpoint)
+            outputs.append(output)
+            latents = self.chain_step(i, output, latents, generator)
+        images = _checkpointed(self.decode_with_grad, latents, enabled=checkpoint)
+        return DifferentiableSample(images, outputs, grad_steps, draws)
+
+    def _redrawn_last_input(self, x0, conditioning, generator, draws: int):
+        """``draws`` re-noisings of each clean latent to the last step's input, sample-major, with the
+        conditioning and generators repeated to match (each sample's noise from its own generator)."""
+        times, _ = self.forward_times()
+        rows = x0.shape[0] * draws
+        repeated = [g for g in generator for _ in range(draws)]
+        noise = draw_noise((rows, *x0.shape[1:]), repeated, self.device, torch.float32)
+        x0 = x0.repeat_interleave(draws, dim=0)
+        latents = self.forward_process.noise(x0.float(), noise, times[-1].expand(rows)).float()
+        conditioning = {key: value.repeat_interleave(draws, dim=0) for key, value in conditioning.items()}
+        return latents, conditioning, repeated
 
     def use_wrapped(self, wrapped: torch.nn.Module) -> None:
         self._denoiser = torch.compile(wrapped) if self.compile_denoiser else wrapped

@@ -357,6 +357,26 @@ class FlowMatchingDDPOPipeline(DenoiserPipeline):
         seeds = forward_seeds(generator).to(self.device)
         return Rollout({**conditioning, "x0": latents, "forward_seed": seeds}, steps, images=self.decode(latents))
 
+    # -- the chain, step by step (the differentiable tail: DenoiserPipeline.sample_with_grad) ---------
+    def chain_start(self, conditioning, generator):
+        """The chain ``sample`` draws (the training schedule: the SDE inside ``sde_window``, the ODE outside)."""
+        conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
+        batch = conditioning["prompt_embeds"].shape[0]
+        size = self.resolution // self.vae_scale_factor
+        shape = (batch, self.transformer.config.in_channels, size, size)
+        return conditioning, draw_noise(shape, generator, self.device, torch.float32), self._train_schedule.num_steps
+
+    def chain_output(self, i: int, latents, conditioning):
+        timesteps = self._train_schedule.timesteps[i].expand(latents.shape[0])
+        return self._velocity(latents, timesteps, conditioning, self.sample_cfg)
+
+    def chain_step(self, i: int, output, latents, generator):
+        schedule, (start, end) = self._train_schedule, self.window
+        t, t_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+        if start <= i < end:
+            return flow_sde_step(output, latents, t, t_next, schedule.noise_scales[i], generator=generator)[0]
+        return flow_ode_step(output, latents, t, t_next)
+
     def forward_times(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training schedule's sigmas (its shift included; the sampler's steps) and the model's timesteps."""
         schedule = self._train_schedule
@@ -365,8 +385,7 @@ class FlowMatchingDDPOPipeline(DenoiserPipeline):
     def network_output(self, x_t, timesteps, conditioning) -> torch.Tensor:
         return self._velocity(x_t, timesteps, conditioning, cfg=False)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
         latents = latents.float() / config.scaling_factor + (config.get("shift_factor") or 0.0)
         with self._autocast():

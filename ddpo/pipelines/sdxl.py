@@ -128,8 +128,7 @@ class StableDiffusionXLDDPOPipeline(StableDiffusionDDPOPipeline):
             time_ids = torch.cat([time_ids, time_ids])
         return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
         latents = latents.float()
         mean, std = config.get("latents_mean"), config.get("latents_std")

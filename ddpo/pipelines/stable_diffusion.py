@@ -173,7 +173,7 @@ class StableDiffusionDDPOPipeline(DenoiserPipeline):
         model_in = self.scheduler.scale_model_input(model_in, t_in)
         with self._autocast():
             output = self._denoiser(model_in, t_in, **unet_kwargs).sample
-        output = output.float()
+        output = output.to(self.chain_dtype)
         if not cfg:
             return output
         uncond, cond = output.chunk(2)
@@ -251,6 +251,24 @@ class StableDiffusionDDPOPipeline(DenoiserPipeline):
         seeds = forward_seeds(generator).to(self.device)
         return Rollout({**conditioning, "x0": latents, "forward_seed": seeds}, steps, images=self.decode(latents))
 
+    # -- the chain, step by step (the differentiable tail: DenoiserPipeline.sample_with_grad) ---------
+    def chain_start(self, conditioning, generator):
+        conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
+        batch = conditioning["prompt_embeds"].shape[0]
+        self.scheduler.set_timesteps(self.num_steps, device=self.device)
+        size = self.resolution // self.vae_scale_factor
+        shape = (batch, self.unet.config.in_channels, size, size)
+        latents = draw_noise(shape, generator, self.device, self.chain_dtype) * self.scheduler.init_noise_sigma
+        return conditioning, latents, self.num_steps
+
+    def chain_output(self, i: int, latents, conditioning):
+        t_batch = self.scheduler.timesteps[i].expand(latents.shape[0])
+        return self._guided_output(latents, t_batch, conditioning, self.guidance_scale, cfg=self.sample_cfg)
+
+    def chain_step(self, i: int, output, latents, generator):
+        t_batch = self.scheduler.timesteps[i].expand(latents.shape[0])
+        return ddim_step_with_logprob(self.scheduler, output, t_batch, latents, eta=self.eta, generator=generator)[0]
+
     def forward_times(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The DDIM grid of ``num_steps`` timesteps (the sampler's steps, as DiffusionNFT trains on): both
         the process's time and the UNet's timestep."""
@@ -269,11 +287,10 @@ class StableDiffusionDDPOPipeline(DenoiserPipeline):
             output = self._denoiser(x_t, timesteps, **self.unet_conditioning(conditioning, cfg=False)).sample
         return output.float()
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             images = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return (images.to(self.chain_dtype) / 2 + 0.5).clamp(0, 1)
 
     def log_prob(self, transitions):
         if self.scheduler.num_inference_steps != self.num_steps:

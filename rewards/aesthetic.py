@@ -101,6 +101,7 @@ class AestheticReward(ModelReward):
     """
 
     name = "aesthetic"
+    differentiable = True
 
     def __init__(
         self,
@@ -169,8 +170,10 @@ class AestheticReward(ModelReward):
             return preprocess_pil(images, self.image_size)
         return preprocess_tensor(images.to(self.device), self.image_size)
 
-    def score_with_grad(self, images):
-        """Differentiable scores (B,) on the reward's device, for reward-backpropagation methods."""
+    def score_with_grad(self, images, prompts, metadata):
+        """Differentiable scores (B,) on the reward's device (float32), for reward-backpropagation
+        methods: always the ``tensor`` preprocessing; prompts and metadata are ignored."""
+        check_images(images)
         return self._score_pixels(self.pixels(images, "tensor"))
 
     def __call__(self, images, prompts, metadata):

@@ -14,9 +14,13 @@ class Reward:
     Subclasses implement ``__call__(images, prompts, metadata) -> (rewards, info)`` (see the
     package docstring for shapes). Rewards that hold models override ``to``; the trainer calls
     it once after building the reward. The reward is never checkpointed by the trainer.
+
+    Rewards that can give gradients (for reward-backpropagation methods: DRaFT, AlignProp) set
+    ``differentiable = True`` and implement :meth:`score_with_grad`.
     """
 
     name: str = "reward"
+    differentiable: bool = False
 
     def to(self, device: Any, dtype: Any = None) -> Reward:
         """Move the reward's models to ``device`` (and ``dtype``); cheap rewards do nothing."""
@@ -24,6 +28,16 @@ class Reward:
 
     def __call__(self, images, prompts, metadata):
         raise NotImplementedError
+
+    def score_with_grad(self, images, prompts, metadata):
+        """Differentiable rewards: a float32 (B,) tensor on the reward's device with a graph back to
+        ``images`` ((B, 3, H, W) in [0, 1], on any device), equal to ``__call__``'s rewards up to the
+        preprocessing (torch twin instead of PIL). The reward's own parameters get no gradient."""
+        raise NotImplementedError(
+            f"reward {self.name!r} ({type(self).__name__}) has no differentiable scoring path "
+            "(differentiable=False): reward-gradient algorithms need a differentiable reward such as "
+            "aesthetic, pickscore, clip_score, hpsv2 or shape_proxy"
+        )
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Raise ``ConfigError`` if this reward cannot score these prompts (called with a few

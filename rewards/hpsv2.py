@@ -88,6 +88,7 @@ class HPSv2(ModelReward):
     """
 
     name = "hpsv2"
+    differentiable = True
 
     def __init__(
         self,
@@ -113,20 +114,38 @@ class HPSv2(ModelReward):
         self.tokenizer = open_clip_tokenizer(clip_model)
         self.image_size = open_clip_image_size(self.model)
 
-    def __call__(self, images, prompts, metadata):
-        import torch
-
-        from rewards.clip_preprocess import preprocess_pil
-
+    def _check(self, images, prompts):
         check_images(images)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"hpsv2: {images.shape[0]} images but {len(prompts)} prompts")
-        pixels = preprocess_pil(images, self.image_size, self.resize)
+
+    def pixels(self, images, preprocess: str = "pil"):
+        """The normalised CLIP input of ``images``: ``pil`` (HPS's own) or its ``tensor`` twin."""
+        from rewards.clip_preprocess import preprocess_pil, preprocess_tensor
+
+        if preprocess == "pil":
+            return preprocess_pil(images, self.image_size, self.resize)
+        return preprocess_tensor(images.to(self.device), self.image_size, self.resize)
+
+    def _score_pixels(self, pixels, prompts):
+        """cos(image, prompt) of normalised pixels, float32 on the reward's device (grad if pixels have)."""
         tokens = self.tokenizer(list(prompts))
+        image_features = self.model.encode_image(pixels.to(self.device, self.dtype)).float()
+        text_features = self.model.encode_text(tokens.to(self.device)).float()
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        return (image_features * text_features).sum(dim=-1)
+
+    def score_with_grad(self, images, prompts, metadata):
+        """The HPS score, (B,) float32 on the reward's device, differentiable w.r.t. ``images``
+        (torch-twin preprocessing); the model's parameters stay frozen."""
+        self._check(images, prompts)
+        return self._score_pixels(self.pixels(images, "tensor"), prompts)
+
+    def __call__(self, images, prompts, metadata):
+        import torch
+
+        self._check(images, prompts)
         with torch.no_grad():
-            image_features = self.model.encode_image(pixels.to(self.device, self.dtype)).float()
-            text_features = self.model.encode_text(tokens.to(self.device)).float()
-            image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-            text_features = text_features / text_features.norm(dim=-1, keepdim=True)
-            scores = (image_features * text_features).sum(dim=-1)
+            scores = self._score_pixels(self.pixels(images, "pil"), prompts)
         return as_reward_tensor(scores, images.shape[0], self.name), {}

@@ -7,7 +7,8 @@
 
 Hydra instantiates the nested rewards before this class sees them. ``info`` holds each
 component's raw (unweighted) per-image reward under the component's name, and each component's
-own info entries as ``<component>.<key>``.
+own info entries as ``<component>.<key>``. The mix is differentiable (``score_with_grad``) when
+every component is.
 """
 
 from __future__ import annotations
@@ -58,6 +59,29 @@ class WeightedSum(Reward):
             if hasattr(reward, "to"):
                 reward.to(device, dtype)
         return self
+
+    @property
+    def differentiable(self) -> bool:
+        """True only if every component has a differentiable path."""
+        return all(getattr(reward, "differentiable", False) for reward in self.rewards.values())
+
+    def score_with_grad(self, images, prompts, metadata):
+        """sum_i weight_i * reward_i.score_with_grad(...): (B,) float32, differentiable w.r.t. ``images``."""
+        check_images(images)
+        lacking = [name for name, reward in self.rewards.items() if not getattr(reward, "differentiable", False)]
+        if lacking:
+            raise NotImplementedError(
+                f"reward {self.name!r}: the components {lacking} have no differentiable scoring path, "
+                "so the weighted sum has none"
+            )
+        total = None
+        for name, reward in self.rewards.items():
+            values = reward.score_with_grad(images, prompts, metadata).float().reshape(-1)
+            if values.numel() != images.shape[0]:
+                raise ValueError(f"reward.components.{name}: expected {images.shape[0]} values, got {values.numel()}")
+            term = self.weights[name] * values
+            total = term if total is None else total + term.to(total.device)
+        return total
 
     def __call__(self, images, prompts, metadata):
         import torch

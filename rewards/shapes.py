@@ -170,6 +170,7 @@ class ShapeProxy(ModelReward):
     """The learned scorer's match probability as a reward (see the module docstring)."""
 
     name = "shape_proxy"
+    differentiable = True
 
     def __init__(self, path: str | None = None, dtype="fp32"):
         super().__init__(dtype)
@@ -178,14 +179,29 @@ class ShapeProxy(ModelReward):
     def check_prompts(self, prompts):
         _scenes(prompts, self.name)
 
-    def __call__(self, images, prompts, metadata):
+    def _logits(self, images, prompts):
+        """The scorer's match logits, float32 on the reward's device (grad if ``images`` has)."""
         import torch
 
         check_images(images)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
+        size = self.model.config["size"]
+        if tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"{self.name}: the scorer reads {size}x{size} images, got {tuple(images.shape[-2:])}")
         vectors = torch.stack([scene_vector(scene) for scene in _scenes(prompts, self.name)])
+        return self.model(images.to(self.device, self.dtype), vectors.to(self.device, self.dtype)).float()
+
+    def score_with_grad(self, images, prompts, metadata):
+        """sigmoid(logit), (B,) float32 on the reward's device, differentiable w.r.t. ``images``."""
+        import torch
+
+        return torch.sigmoid(self._logits(images, prompts))
+
+    def __call__(self, images, prompts, metadata):
+        import torch
+
         with torch.no_grad():
-            logits = self.model(images.to(self.device, self.dtype), vectors.to(self.device, self.dtype))
-        probability = torch.sigmoid(logits.float())
-        return as_reward_tensor(probability, len(prompts)), {
-            "proxy_logit": as_reward_tensor(logits.float(), len(prompts))
-        }
+            logits = self._logits(images, prompts)
+        probability = torch.sigmoid(logits)
+        return as_reward_tensor(probability, len(prompts)), {"proxy_logit": as_reward_tensor(logits, len(prompts))}

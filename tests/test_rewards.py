@@ -373,7 +373,7 @@ def test_longest_side_preprocessing_pads_like_pil():
 
 def test_gradients_flow_through_the_tensor_path(reward_aesthetic):
     images = _smooth_images(2, 128, 128).requires_grad_(True)
-    scores = reward_aesthetic.score_with_grad(images)
+    scores = reward_aesthetic.score_with_grad(images, PROMPTS[:2], METADATA[:2])
     assert scores.shape == (2,) and scores.requires_grad
     scores.sum().backward()
     assert torch.isfinite(images.grad).all()
@@ -512,6 +512,200 @@ def test_mix_rejects_malformed_components():
         WeightedSum({"a": {"reward": _RecordingReward(1.0)}})
     with pytest.raises(ConfigError, match="number"):
         WeightedSum({"a": {"weight": "heavy", "reward": _RecordingReward(1.0)}})
+
+
+# ---------------------------------------------------------------- differentiable scoring (DRaFT, AlignProp)
+
+SHAPE_PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow square"]
+
+
+@pytest.fixture(scope="module")
+def reward_pickscore(reward_hf_clip_dir):
+    from rewards.pickscore import PickScore
+
+    return PickScore(model_path=str(reward_hf_clip_dir), processor_path=str(reward_hf_clip_dir))
+
+
+@pytest.fixture(scope="module")
+def reward_clip_score(reward_hf_clip_dir):
+    from rewards.clip_score import ClipScore
+
+    return ClipScore(model_path=str(reward_hf_clip_dir), scale=100.0)
+
+
+@pytest.fixture(scope="module")
+def reward_hpsv2(reward_hps_checkpoint):
+    from rewards.hpsv2 import HPSv2
+
+    return HPSv2(clip_model="tiny-test", checkpoint_path=str(reward_hps_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def reward_shape_proxy():
+    from rewards.shapes import ShapeProxy, default_scorer_dir
+
+    return ShapeProxy(str(default_scorer_dir()))
+
+
+@pytest.fixture(scope="module")
+def reward_grad_mix(reward_clip_score, reward_hpsv2):
+    from rewards.mix import WeightedSum
+
+    return WeightedSum(
+        {"clip": {"weight": 0.5, "reward": reward_clip_score}, "hps": {"weight": 2.0, "reward": reward_hpsv2}}
+    )
+
+
+def _shape_scorer_size() -> int:
+    import json
+
+    from rewards.shapes import SCORER_CONFIG, default_scorer_dir
+
+    return int(json.loads((default_scorer_dir() / SCORER_CONFIG).read_text())["size"])
+
+
+def _frozen_modules(reward):
+    """The torch modules whose parameters must get no gradient."""
+    from rewards.mix import WeightedSum
+
+    if isinstance(reward, WeightedSum):
+        return [module for component in reward.rewards.values() for module in _frozen_modules(component)]
+    if hasattr(reward, "head"):
+        return [reward.clip, reward.head]
+    return [reward.model]
+
+
+# fixture -> (image sizes, prompts, tolerance on |score_with_grad - __call__|). Measured worst gaps over
+# 12 seeds of smooth images at 64x64, 64x48, 65x47, 96x128 and 256x320, each tolerance ~3x that:
+# aesthetic (real head, tiny CLIP) 1.4e-3 on its 1-10 scale; the tiny HF CLIP 8.7e-4 in cosine, i.e.
+# 0.087 for clip_score (x100) and 0.0124 for PickScore (x logit_scale.exp() = 14.3); HPS v2 7.7e-5;
+# the mix (0.5 clip_score + 2 hpsv2) 0.044; the shape proxy 0 (no preprocessing). The gap is the
+# PIL/uint8 round trip of ``__call__`` (about one 1/255 step per pixel) against the float torch twin.
+GRAD_CASES = {
+    "reward_aesthetic": ([(64, 64), (96, 128)], PROMPTS, 5e-3),
+    "reward_pickscore": ([(64, 64), (64, 48)], PROMPTS, 0.04),
+    "reward_clip_score": ([(64, 64), (64, 48)], PROMPTS, 0.3),
+    "reward_hpsv2": ([(64, 64), (96, 64)], PROMPTS, 3e-4),
+    "reward_shape_proxy": ([(32, 32)], SHAPE_PROMPTS, 1e-6),
+    "reward_grad_mix": ([(64, 64), (64, 48)], PROMPTS, 0.15),
+}
+
+
+@pytest.mark.parametrize("fixture", list(GRAD_CASES), ids=lambda name: name.removeprefix("reward_"))
+def test_score_with_grad_matches_call_and_reaches_only_the_images(fixture, request):
+    reward = request.getfixturevalue(fixture)
+    sizes, prompts, tolerance = GRAD_CASES[fixture]
+    assert reward.differentiable is True
+    if fixture == "reward_shape_proxy":
+        assert sizes == [(_shape_scorer_size(),) * 2]
+    modules = _frozen_modules(reward)
+    for seed, (height, width) in enumerate(sizes):
+        images = _smooth_images(3, height, width, seed=seed)
+        expected, _ = reward(images, prompts, METADATA)
+        leaf = images.clone().requires_grad_(True)
+        scores = reward.score_with_grad(leaf, prompts, METADATA)
+        assert scores.shape == (3,) and scores.dtype == torch.float32 and scores.requires_grad
+        assert scores.device.type == "cpu"
+        gap = (scores.detach() - expected).abs().max().item()
+        assert gap < tolerance, (height, width, gap)
+        scores.sum().backward()
+        assert leaf.grad is not None and leaf.grad.shape == images.shape
+        assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+        for module in modules:
+            assert all(parameter.grad is None for parameter in module.parameters())
+            _assert_frozen(module)
+
+
+def test_shape_proxy_grad_path_on_renders_of_the_shipped_scorer(reward_shape_proxy):
+    import random
+
+    import numpy as np
+
+    from ddpo import shapes
+
+    rng = random.Random(3)
+    scenes = rng.sample(shapes.all_scenes(), 8)
+    size = _shape_scorer_size()
+    renders = np.stack([shapes.render_scene(scene, rng, size) for scene in scenes])
+    images = (torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 255).requires_grad_(True)
+    captions = [scene.caption for scene in scenes]
+    expected, info = reward_shape_proxy(images, captions, [{}] * 8)
+    scores = reward_shape_proxy.score_with_grad(images, captions, [{}] * 8)
+    torch.testing.assert_close(scores.detach(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(scores.detach(), torch.sigmoid(info["proxy_logit"]), rtol=0, atol=1e-6)
+    scores.sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=f"{size}x{size}"):
+        reward_shape_proxy.score_with_grad(_smooth_images(8, 2 * size, 2 * size), captions, [{}] * 8)
+
+
+def test_score_with_grad_accepts_images_on_another_dtype_and_keeps_the_graph(reward_hpsv2):
+    base = _smooth_images(2, 64, 64).double().requires_grad_(True)
+    images = base * 1.0  # a non-leaf, as a decoded sample is
+    scores = reward_hpsv2.score_with_grad(images, PROMPTS[:2], METADATA[:2])
+    scores.sum().backward()
+    assert base.grad is not None and base.grad.dtype == torch.float64 and base.grad.abs().sum() > 0
+
+
+def test_non_differentiable_rewards_say_so(reward_clip_score, reward_hpsv2):
+    from rewards.base import Reward
+    from rewards.jpeg import JpegCompressibility, JpegIncompressibility
+    from rewards.mix import WeightedSum
+    from rewards.remote import RemoteReward
+    from rewards.shapes import ShapeAlignment
+
+    assert Reward.differentiable is False
+    assert RemoteReward.differentiable is False
+    jpeg_mix = WeightedSum(
+        {"clip": {"weight": 1.0, "reward": reward_clip_score}, "jpeg": {"weight": 0.1, "reward": JpegCompressibility()}}
+    )
+    images = _smooth_images(3, 64, 64)
+    for reward in (JpegCompressibility(), JpegIncompressibility(), ShapeAlignment(), jpeg_mix):
+        assert reward.differentiable is False
+    for reward in (JpegCompressibility(), ShapeAlignment()):
+        with pytest.raises(NotImplementedError, match=reward.name):
+            reward.score_with_grad(images, PROMPTS, METADATA)
+    with pytest.raises(NotImplementedError, match="jpeg"):
+        jpeg_mix.score_with_grad(images, PROMPTS, METADATA)
+    with pytest.raises(NotImplementedError, match="RemoteReward"):
+        RemoteReward.__new__(RemoteReward).score_with_grad(images, PROMPTS, METADATA)
+    both = WeightedSum(
+        {"clip": {"weight": 1.0, "reward": reward_clip_score}, "hps": {"weight": 1.0, "reward": reward_hpsv2}}
+    )
+    assert both.differentiable is True
+
+
+def test_differentiable_flag_of_every_reward_class():
+    from rewards.aesthetic import AestheticReward
+    from rewards.base import Reward
+    from rewards.clip_score import ClipScore
+    from rewards.hpsv2 import HPSv2
+    from rewards.jpeg import JpegCompressibility, JpegIncompressibility
+    from rewards.pickscore import PickScore
+    from rewards.remote import RemoteReward
+    from rewards.shapes import ShapeAlignment, ShapeProxy
+
+    for cls in (AestheticReward, ClipScore, HPSv2, PickScore, ShapeProxy):
+        assert cls.differentiable is True, cls.__name__
+        assert cls.score_with_grad is not Reward.score_with_grad, cls.__name__
+    for cls in (JpegCompressibility, JpegIncompressibility, RemoteReward, ShapeAlignment):
+        assert cls.differentiable is False, cls.__name__
+
+
+def test_hf_tensor_preprocessing_mirrors_the_processor(reward_clip_score):
+    processor = reward_clip_score.processor.image_processor
+    spec = reward_clip_score.tensor_spec
+    assert spec["resize"] == processor.size["shortest_edge"] == 32
+    assert spec["crop"] == (processor.crop_size["height"], processor.crop_size["width"]) == (32, 32)
+    assert spec["mean"] == pytest.approx(tuple(processor.image_mean))
+    assert spec["std"] == pytest.approx(tuple(processor.image_std))
+    for height, width in [(64, 48), (65, 47), (32, 32), (80, 200)]:
+        images = _smooth_images(2, height, width, seed=height + width)
+        pil = reward_clip_score.pil_pixels(images)
+        tensor = reward_clip_score.tensor_pixels(images)
+        assert pil.shape == tensor.shape == (2, 3, 32, 32)
+        # the processor rounds its input and its resized image to uint8: at most ~1.5/255 in pixel space
+        assert (pil - tensor).abs().max() * 0.27 < 1.5 / 255, (height, width)
 
 
 # ---------------------------------------------------------------- the reward config group

@@ -20,6 +20,7 @@ of such calls an epoch made. The ratio epoch time / floor says how much the loop
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -51,11 +52,122 @@ def timed(fn, repeats: int, sync) -> float:
     return times[len(times) // 2]
 
 
+def saved_for_backward_mb(fn) -> float:
+    """MiB of tensors autograd keeps for the backward pass of ``fn()``'s result (its activations): the
+    memory gradient checkpointing saves, measured the same on any device."""
+    import torch
+
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = fn()
+    result.backward()
+    return total[0] / 2**20
+
+
+def measure_differentiable_floor(components, run, repeats: int) -> dict:
+    """The floor of a reward-gradient epoch: per sampling batch, the chain's forwards without gradients, K
+    denoiser forward+backward calls, the decode's and the reward's forward+backward; and the activation
+    memory of one batch's tail with and without gradient checkpointing."""
+    import torch
+
+    pipeline, device, algorithm = components.pipeline, components.accelerator.device, components.algorithm
+    s = run.sample
+    unet, denoiser = pipeline.trainable_module(), pipeline._denoiser
+    size = pipeline.resolution // pipeline.vae_scale_factor
+    channels = unet.config.in_channels
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    prompts, metadata = map(
+        list, zip(*(components.prompt_fn(__import__("random").Random(i)) for i in range(s.batch_size)))
+    )
+    conditioning = pipeline.encode_prompts(prompts)
+    latents = torch.randn(s.batch_size, channels, size, size, device=device)
+    timesteps = torch.full((s.batch_size,), 500, device=device, dtype=torch.long)
+    inputs = pipeline.denoiser_inputs(latents, timesteps, conditioning, pipeline.sample_cfg)
+
+    def forward():
+        with torch.no_grad(), pipeline._autocast():
+            denoiser(**inputs)
+
+    def forward_backward():
+        with pipeline._autocast():
+            out = denoiser(**inputs)
+        out = out.sample if hasattr(out, "sample") else out[0]
+        out.float().square().mean().backward()
+        unet.zero_grad(set_to_none=True)
+
+    def decode_backward():
+        pipeline.decode_with_grad(latents.clone().requires_grad_(True)).mean().backward()
+
+    images = pipeline.decode(latents)
+
+    def reward_backward():
+        components.reward_fn.score_with_grad(images.clone().requires_grad_(True), prompts, metadata).sum().backward()
+
+    unet.eval()
+    per_call = {
+        "unet_forward_s": timed(forward, repeats, sync),
+        "unet_forward_backward_s": timed(forward_backward, repeats, sync),
+        "vae_decode_forward_backward_s": timed(decode_backward, repeats, sync),
+        "reward_forward_backward_s": timed(reward_backward, repeats, sync),
+    }
+    if algorithm.truncation is None:
+        k = algorithm.grad_steps
+    else:  # the mean of K drawn uniformly from [k_min, k_max]
+        k = (algorithm.truncation[0] + (algorithm.truncation[1] or s.num_steps)) / 2
+    draws, batches = algorithm.draws, s.num_batches_per_epoch
+    calls = {  # DRaFT-LV: the whole chain without gradients, then `draws` last steps with them
+        "unet_forward": batches * (s.num_steps - (k if draws == 1 else 0)),
+        "unet_forward_backward": batches * k * draws,
+        "vae_decode_forward_backward": batches * draws,
+        "reward_forward_backward": batches * draws,
+    }
+    floor = {
+        "sampling_s": calls["unet_forward"] * per_call["unet_forward_s"],
+        "training_s": calls["unet_forward_backward"] * per_call["unet_forward_backward_s"],
+        "decode_s": calls["vae_decode_forward_backward"] * per_call["vae_decode_forward_backward_s"],
+        "reward_s": calls["reward_forward_backward"] * per_call["reward_forward_backward_s"],
+    }
+    floor["total_s"] = sum(floor.values())
+    grad_steps = max(1, round(k))
+
+    def tail(checkpoint: bool):
+        generators = [torch.Generator(device=device).manual_seed(i) for i in range(s.batch_size)]
+        out = pipeline.sample_with_grad(conditioning, generators, grad_steps, draws, checkpoint=checkpoint)
+        return components.reward_fn.score_with_grad(out.images, [p for p in prompts for _ in range(draws)], None).sum()
+
+    memory = {}
+    for checkpoint in (True, False):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        key = "with_checkpointing" if checkpoint else "without_checkpointing"
+        memory[f"saved_for_backward_mb_{key}"] = saved_for_backward_mb(functools.partial(tail, checkpoint))
+        if device.type == "cuda":
+            memory[f"peak_device_memory_mb_{key}"] = torch.cuda.max_memory_allocated(device) / 2**20
+        unet.zero_grad(set_to_none=True)
+    return {
+        "per_call": per_call,
+        "calls_per_epoch": calls,
+        "floor_per_epoch": floor,
+        "tail_memory": {"grad_steps": grad_steps, "draws": draws, **memory},
+        "rollout_bytes_per_sample": 0,
+        "shapes": {"sample_rows": s.batch_size * (2 if pipeline.sample_cfg else 1), "latent": [channels, size, size]},
+    }
+
+
 def measure_floor(components, run, repeats: int) -> dict:
     """Per-call times of the UNet and VAE at the loop's batch shapes (same module, dtype, autocast)."""
     import torch
 
-    from ddpo.algorithms import FINAL
+    from ddpo.algorithms import DIFFERENTIABLE, FINAL
+
+    if components.algorithm.rollout == DIFFERENTIABLE:
+        return measure_differentiable_floor(components, run, repeats)
 
     pipeline, device = components.pipeline, components.accelerator.device
     s, t = run.sample, run.train
@@ -254,6 +366,30 @@ def report(r: dict) -> None:
         f"throughput: {r['throughput']['images_per_s_sampled']:.2f} images/s sampled, "
         f"{r['throughput']['timesteps_per_s_trained']:.2f} timesteps/s trained"
     )
+    if "tail_memory" in r:  # a reward-gradient epoch
+        m = r["tail_memory"]
+        print(
+            f"floor: {n['unet_forward']:g} denoiser fwd x {c['unet_forward_s'] * 1e3:.2f} ms = {f['sampling_s']:.3f}s, "
+            f"{n['unet_forward_backward']:g} fwd+bwd x {c['unet_forward_backward_s'] * 1e3:.2f} ms = "
+            f"{f['training_s']:.3f}s, {n['vae_decode_forward_backward']} decode fwd+bwd x "
+            f"{c['vae_decode_forward_backward_s'] * 1e3:.2f} ms = {f['decode_s']:.3f}s, "
+            f"{n['reward_forward_backward']} reward fwd+bwd x {c['reward_forward_backward_s'] * 1e3:.2f} ms = "
+            f"{f['reward_s']:.3f}s; total {f['total_s']:.3f}s"
+        )
+        print(
+            f"activations kept for the backward pass of one batch (K = {m['grad_steps']}, {m['draws']} draw(s)): "
+            f"{m['saved_for_backward_mb_with_checkpointing']:.1f} MiB with gradient checkpointing, "
+            f"{m['saved_for_backward_mb_without_checkpointing']:.1f} MiB without"
+            + (
+                f"; peak device memory {m['peak_device_memory_mb_with_checkpointing']:.0f} vs "
+                f"{m['peak_device_memory_mb_without_checkpointing']:.0f} MB"
+                if "peak_device_memory_mb_with_checkpointing" in m
+                else ""
+            )
+        )
+        print(f"epoch / floor = {r['epoch_over_floor']:.3f}")
+        print(f"peak host memory {r['peak_host_memory_mb']:.0f} MB")
+        return
     print(
         f"floor: {n['unet_forward']} denoiser fwd x {c['unet_forward_s'] * 1e3:.2f} ms = {f['sampling_s']:.3f}s, "
         f"{n['unet_forward_backward']} fwd+bwd x {c['unet_forward_backward_s'] * 1e3:.2f} ms = {f['training_s']:.3f}s, "

@@ -236,3 +236,22 @@ def test_what_reward_gradients_cannot_train_is_refused_at_start(tmp_path, overri
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         run_in_process(tmp_path / "run", [*RUN[:-1], *reward, *overrides, "num_epochs=1"])
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param(["model=tiny_sdxl", "pipeline=sdxl"], id="sdxl"),
+        pytest.param(["model=tiny_flow", "pipeline=flow_sde", "sample.guidance_scale=3.0"], id="flow"),
+    ],
+)
+def test_draft_trains_every_family(tmp_path, family):
+    from safetensors.torch import load_file
+
+    _, components = run_in_process(
+        tmp_path / "run", [*RUN, *family, "algorithm=draft", "algorithm.grad_steps=2", "num_epochs=1"]
+    )
+    record = read_metrics(tmp_path / "run")[0]
+    assert record["grad_norm"] > 0 and record["global_step"] == 2
+    trained = load_file(tmp_path / "run" / "checkpoints" / "checkpoint_00001" / "trained_weights.safetensors")
+    assert any("lora_B" in name and value.abs().sum() > 0 for name, value in trained.items())  # B starts at zero

@@ -64,7 +64,9 @@ ALGORITHMS = {
     "nft": ["algorithm=nft", "algorithm.group_size=4"],
     "draft": ["algorithm=draft", "algorithm.grad_steps=2"],
 }
-ONE_PROCESS_ONLY = {"draft": ["train.gradient_accumulation_steps=2", "train.batch_size=2"]}  # what one process needs besides
+ONE_PROCESS_ONLY = {
+    "draft": ["train.gradient_accumulation_steps=2", "train.batch_size=2"]
+}  # what one process needs besides
 
 
 @pytest.fixture(scope="module", params=list(ALGORITHMS))

@@ -352,6 +352,9 @@ def report(r: dict) -> None:
     p, f, c, n = r["phases_per_epoch"], r["floor_per_epoch"], r["per_call"], r["calls_per_epoch"]
     s = r["settings"]
     print(f"\n{r['machine']['device']}, torch {r['machine']['torch']}")
+    if "tail_memory" in r:  # a reward-gradient epoch: sampled and trained batch by batch
+        report_differentiable(r)
+        return
     print(
         f"{s['model']} {s['resolution']}px {s['mixed_precision']} lora={s['use_lora']}: {s['samples_per_epoch']} samples x "
         f"{s['num_steps']} steps, {s['trained_timesteps']} trained (x{s['timesteps_per_call']} per call), "
@@ -366,30 +369,6 @@ def report(r: dict) -> None:
         f"throughput: {r['throughput']['images_per_s_sampled']:.2f} images/s sampled, "
         f"{r['throughput']['timesteps_per_s_trained']:.2f} timesteps/s trained"
     )
-    if "tail_memory" in r:  # a reward-gradient epoch
-        m = r["tail_memory"]
-        print(
-            f"floor: {n['unet_forward']:g} denoiser fwd x {c['unet_forward_s'] * 1e3:.2f} ms = {f['sampling_s']:.3f}s, "
-            f"{n['unet_forward_backward']:g} fwd+bwd x {c['unet_forward_backward_s'] * 1e3:.2f} ms = "
-            f"{f['training_s']:.3f}s, {n['vae_decode_forward_backward']} decode fwd+bwd x "
-            f"{c['vae_decode_forward_backward_s'] * 1e3:.2f} ms = {f['decode_s']:.3f}s, "
-            f"{n['reward_forward_backward']} reward fwd+bwd x {c['reward_forward_backward_s'] * 1e3:.2f} ms = "
-            f"{f['reward_s']:.3f}s; total {f['total_s']:.3f}s"
-        )
-        print(
-            f"activations kept for the backward pass of one batch (K = {m['grad_steps']}, {m['draws']} draw(s)): "
-            f"{m['saved_for_backward_mb_with_checkpointing']:.1f} MiB with gradient checkpointing, "
-            f"{m['saved_for_backward_mb_without_checkpointing']:.1f} MiB without"
-            + (
-                f"; peak device memory {m['peak_device_memory_mb_with_checkpointing']:.0f} vs "
-                f"{m['peak_device_memory_mb_without_checkpointing']:.0f} MB"
-                if "peak_device_memory_mb_with_checkpointing" in m
-                else ""
-            )
-        )
-        print(f"epoch / floor = {r['epoch_over_floor']:.3f}")
-        print(f"peak host memory {r['peak_host_memory_mb']:.0f} MB")
-        return
     print(
         f"floor: {n['unet_forward']} denoiser fwd x {c['unet_forward_s'] * 1e3:.2f} ms = {f['sampling_s']:.3f}s, "
         f"{n['unet_forward_backward']} fwd+bwd x {c['unet_forward_backward_s'] * 1e3:.2f} ms = {f['training_s']:.3f}s, "
@@ -402,6 +381,39 @@ def report(r: dict) -> None:
     if "peak_device_memory_mb" in r:
         mem += f", peak device memory {r['peak_device_memory_mb']:.0f} MB"
     print(mem)
+
+
+def report_differentiable(r: dict) -> None:
+    p, f, c, n, m = r["phases_per_epoch"], r["floor_per_epoch"], r["per_call"], r["calls_per_epoch"], r["tail_memory"]
+    s = r["settings"]
+    print(
+        f"{s['model']} {s['resolution']}px {s['mixed_precision']} lora={s['use_lora']}: {s['samples_per_epoch']} samples "
+        f"x {s['num_steps']} steps, reward gradient through the last {m['grad_steps']} step(s), {m['draws']} draw(s), "
+        f"guidance {s['guidance_scale']:g}; {r['epochs_timed']} timed epoch(s)"
+    )
+    print(
+        f"per epoch: sampling with gradients {p['sampling_s']:.3f}s | backward passes and optimizer steps "
+        f"{p['training_s']:.3f}s | other {p['other_s']:.3f}s | epoch {p['epoch_s']:.3f}s"
+    )
+    print(
+        f"floor: {n['unet_forward']:g} denoiser fwd x {c['unet_forward_s'] * 1e3:.2f} ms = {f['sampling_s']:.3f}s, "
+        f"{n['unet_forward_backward']:g} fwd+bwd x {c['unet_forward_backward_s'] * 1e3:.2f} ms = {f['training_s']:.3f}s, "
+        f"{n['vae_decode_forward_backward']} decode fwd+bwd x {c['vae_decode_forward_backward_s'] * 1e3:.2f} ms = "
+        f"{f['decode_s']:.3f}s, {n['reward_forward_backward']} reward fwd+bwd x "
+        f"{c['reward_forward_backward_s'] * 1e3:.2f} ms = {f['reward_s']:.3f}s; total {f['total_s']:.3f}s"
+    )
+    device = (
+        f"; peak device memory {m['peak_device_memory_mb_with_checkpointing']:.0f} vs "
+        f"{m['peak_device_memory_mb_without_checkpointing']:.0f} MB"
+        if "peak_device_memory_mb_with_checkpointing" in m
+        else ""
+    )
+    print(
+        f"activations kept for one batch's backward pass: {m['saved_for_backward_mb_with_checkpointing']:.1f} MiB "
+        f"with gradient checkpointing, {m['saved_for_backward_mb_without_checkpointing']:.1f} MiB without{device}"
+    )
+    print(f"epoch / floor = {r['epoch_over_floor']:.3f}")
+    print(f"peak host memory {r['peak_host_memory_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

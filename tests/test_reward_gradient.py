@@ -255,3 +255,49 @@ def test_draft_trains_every_family(tmp_path, family):
     assert record["grad_norm"] > 0 and record["global_step"] == 2
     trained = load_file(tmp_path / "run" / "checkpoints" / "checkpoint_00001" / "trained_weights.safetensors")
     assert any("lora_B" in name and value.abs().sum() > 0 for name, value in trained.items())  # B starts at zero
+
+
+def test_checkpointing_keeps_fewer_activations_for_the_backward_pass():
+    """What scripts/bench.py reports as the tail's activation memory: smaller with checkpointing, same gradient."""
+    torch.manual_seed(0)
+    pipeline = StableDiffusionDDPOPipeline(build_tiny_pipeline(), use_lora=True, lora_rank=2, num_steps=3)
+    conditioning = pipeline.encode_prompts(["a cat", "a dog"])
+    saved, grads = {}, {}
+    for checkpoint in (True, False):
+        total = [0]
+
+        def pack(tensor, total=total):
+            total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        generator = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = pipeline.sample_with_grad(conditioning, generator, grad_steps=2, checkpoint=checkpoint)
+        out.images.square().mean().backward()
+        saved[checkpoint] = total[0]
+        grads[checkpoint] = torch.cat([p.grad.reshape(-1).clone() for p in pipeline.trainable_parameters()])
+        for p in pipeline.trainable_parameters():
+            p.grad = None
+    assert saved[True] < 0.25 * saved[False], saved
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-8)
+
+
+def test_bench_reports_the_reward_gradient_floor_and_the_tail_memory():
+    """scripts/bench.py for algorithm=draft: K forward+backward calls per batch, the rest without gradients."""
+    from scripts.bench import main
+
+    result = main(
+        [*RUN, "algorithm=draft", "algorithm.grad_steps=2", "--epochs", "1", "--warmup", "0", "--repeats", "1"]
+    )
+    calls = result["calls_per_epoch"]
+    assert calls == {
+        "unet_forward": 2 * (3 - 2),
+        "unet_forward_backward": 2 * 2,
+        "vae_decode_forward_backward": 2,
+        "reward_forward_backward": 2,
+    }
+    memory = result["tail_memory"]
+    assert (
+        0 < memory["saved_for_backward_mb_with_checkpointing"] < memory["saved_for_backward_mb_without_checkpointing"]
+    )
+    assert result["floor_per_epoch"]["total_s"] > 0 and result["epoch_over_floor"] > 0

@@ -286,8 +286,9 @@ def test_bench_reports_the_reward_gradient_floor_and_the_tail_memory():
     """scripts/bench.py for algorithm=draft: K forward+backward calls per batch, the rest without gradients."""
     from scripts.bench import main
 
+    overrides = [o for o in RUN if not o.startswith("save_freq")]  # bench.py sets save_freq itself
     result = main(
-        [*RUN, "algorithm=draft", "algorithm.grad_steps=2", "--epochs", "1", "--warmup", "0", "--repeats", "1"]
+        [*overrides, "algorithm=draft", "algorithm.grad_steps=2", "--epochs", "1", "--warmup", "0", "--repeats", "1"]
     )
     calls = result["calls_per_epoch"]
     assert calls == {

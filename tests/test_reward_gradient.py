@@ -302,3 +302,24 @@ def test_bench_reports_the_reward_gradient_floor_and_the_tail_memory():
         0 < memory["saved_for_backward_mb_with_checkpointing"] < memory["saved_for_backward_mb_without_checkpointing"]
     )
     assert result["floor_per_epoch"]["total_s"] > 0 and result["epoch_over_floor"] > 0
+
+
+def test_the_hacking_preset_trains_on_the_proxy_and_evaluates_proxy_checker_and_diversity(tmp_path):
+    from tests.conftest import compose
+
+    cfg = compose(["experiment=tiny_shapes_hacking"])
+    assert cfg.algorithm._target_ == "ddpo.algorithms.DRaFT" and cfg.algorithm.grad_steps == 1
+    assert cfg.reward._target_ == "rewards.shapes.ShapeProxy" and cfg.eval.prompt.split == "heldout"
+    assert set(cfg.eval.rewards) == {"shape_proxy", "shape_alignment"}
+    small = [
+        "logger=none",
+        "num_epochs=1",
+        "sample.batch_size=4",
+        "sample.num_batches_per_epoch=1",
+        "train.batch_size=4",
+    ]
+    run_in_process(tmp_path / "run", ["experiment=tiny_shapes_hacking", *small, "eval.seeds=1", "eval.batch_size=32"])
+    record = read_metrics(tmp_path / "run")[0]
+    assert record["grad_norm"] > 0
+    for key in ("eval_shape_proxy_mean", "eval_shape_alignment_correct", "eval_diversity"):
+        assert 0 <= record[key] <= 1, key

@@ -69,7 +69,10 @@ ONE_PROCESS_ONLY = {
 }  # what one process needs besides
 
 
-@pytest.fixture(scope="module", params=list(ALGORITHMS))
+# draft's two runs are marked slow to keep the fast suite inside CI's budget (run with -m slow)
+@pytest.fixture(
+    scope="module", params=[pytest.param(k, marks=pytest.mark.slow) if k == "draft" else k for k in ALGORITHMS]
+)
 def algorithm(request):
     return ALGORITHMS[request.param]
 

@@ -97,6 +97,24 @@ class EpochSamples:
     all_prompts: list[str] | None = None  # and their prompts
 
 
+def sampling_batches(comps: Components, run, description: str):
+    """This process's sampling batches of an epoch as lists of sample indices, with a progress bar.
+
+    Sample k of process p is sample p * n + k of the epoch (the order gather() returns), and its prompt
+    and noise come from seeds of its index: an epoch holds the same samples for any process count."""
+    s, accelerator = run.sample, comps.accelerator
+    first = accelerator.process_index * s.batch_size * s.num_batches_per_epoch
+    bar = tqdm(
+        range(s.num_batches_per_epoch),
+        desc=description,
+        leave=False,
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
+    for i in bar:
+        yield [first + i * s.batch_size + j for j in range(s.batch_size)]
+
+
 def batch_prompts(comps: Components, run, epoch: int, indices: list[int]):
     """(prompts, metadata, noise generators) of the epoch's samples ``indices``: functions of their seeds only."""
     seeds = [comps.algorithm.sample_seeds(run.seed, epoch, index) for index in indices]
@@ -114,21 +132,10 @@ def sample_epoch(
     """
     s = run.sample
     accelerator, pipeline, algorithm = comps.accelerator, comps.pipeline, comps.algorithm
-    # sample k of process p is sample p * n + k of the epoch (the order gather() returns), and its
-    # prompt and noise come from seeds of its index: an epoch holds the same samples for any process count
-    first = accelerator.process_index * s.batch_size * s.num_batches_per_epoch
     batches, prompts_all, meta_all, futures = [], [], [], []
     pipeline.trainable_module().eval()
     started = time.perf_counter()
-    bar = tqdm(
-        range(s.num_batches_per_epoch),
-        desc=f"epoch {epoch}: sampling",
-        leave=False,
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
-    for i in bar:
-        indices = [first + i * s.batch_size + j for j in range(s.batch_size)]
+    for indices in sampling_batches(comps, run, f"epoch {epoch}: sampling"):
         prompts, metadata, generator = batch_prompts(comps, run, epoch, indices)
         shared = [algorithm.shared_noise_seed(run.seed, epoch, index) for index in indices]
         branch = [algorithm.branch_step(run.seed, epoch, index) for index in indices]
@@ -272,26 +279,17 @@ def differentiable_epoch(comps: Components, run, epoch: int, optimizer, model, s
     rerun in the backward pass, where a DDP wrapper must not be called).
 
     Returns (this process's samples, mean diagnostics, seconds in backward passes and optimizer steps)."""
-    s, t = run.sample, run.train
+    t = run.train
     accelerator, pipeline, algorithm = comps.accelerator, comps.pipeline, comps.algorithm
     device, world = accelerator.device, accelerator.num_processes
-    first = accelerator.process_index * s.batch_size * s.num_batches_per_epoch
     parameters = pipeline.trainable_parameters()
     totals: dict[str, list] = {"loss": [], "grad_norm": [], "grad_steps": []}
     batches, prompts_all, meta_all, rewards_all, hook_data = [], [], [], [], []
     started, backward_s = time.perf_counter(), 0.0
     pipeline.use_wrapped(accelerator.unwrap_model(model))
     model.eval()  # no dropout: the chain is the one ``sample`` draws
-    bar = tqdm(
-        range(s.num_batches_per_epoch),
-        desc=f"epoch {epoch}: sampling with gradients",
-        leave=False,
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
     try:
-        for i in bar:
-            indices = [first + i * s.batch_size + j for j in range(s.batch_size)]
+        for i, indices in enumerate(sampling_batches(comps, run, f"epoch {epoch}: sampling with gradients")):
             prompts, metadata, generator = batch_prompts(comps, run, epoch, indices)
             k = algorithm.steps_of_batch(run.seed, epoch, indices[0])  # keyed by the batch's first sample
             out = pipeline.sample_with_grad(
@@ -309,8 +307,8 @@ def differentiable_epoch(comps: Components, run, epoch: int, optimizer, model, s
             accelerator.backward(loss / t.gradient_accumulation_steps)
             totals["loss"].append(loss.detach())
             totals["grad_steps"].append(torch.tensor(float(k), device=device))
-            shares = torch.stack(step_norms) / torch.stack(step_norms).sum().clamp(min=1e-30)
-            totals.setdefault("grad_share_last_step", []).append(shares[-1])
+            norms = torch.stack(step_norms)
+            totals.setdefault("grad_share_last_step", []).append(norms[-1] / norms.sum().clamp(min=1e-30))
             for key, value in stats.items():
                 totals.setdefault(key, []).append(value)
             if (i + 1) % t.gradient_accumulation_steps == 0:

@@ -13,7 +13,7 @@ from ddpo.algorithms import AlignProp, DRaFT
 from ddpo.errors import ConfigError
 from ddpo.models.tiny import build_tiny_pipeline
 from ddpo.pipelines.stable_diffusion import StableDiffusionDDPOPipeline
-from tests.conftest import read_metrics, run_in_process
+from tests.conftest import TINY, read_metrics, run_in_process
 
 
 def float64_pipeline(num_steps=3, guidance_scale=3.0):
@@ -184,17 +184,7 @@ def test_base_decay_pulls_towards_the_starting_weights():
 
 
 # -- runs --------------------------------------------------------------------------------------------
-RUN = [
-    "model=tiny",
-    "logger=none",
-    "mixed_precision=no",
-    "sample.num_steps=3",
-    "sample.batch_size=2",
-    "sample.num_batches_per_epoch=2",
-    "train.batch_size=2",
-    "save_freq=1",
-    "reward._target_=tests.fixtures.smooth_rewards.MeanBrightness",
-]
+RUN = [*TINY, "reward._target_=tests.fixtures.smooth_rewards.MeanBrightness"]  # the tests set num_epochs
 
 
 @pytest.mark.parametrize(

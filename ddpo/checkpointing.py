@@ -370,7 +370,7 @@ def write_final(pipeline: DDPOPipeline, final_dir: str) -> list[str]:
         "the last checkpoint holds the same weights). Free space and rerun the same command: it writes final/ "
         "from the last checkpoint"
     )
-    with stop_on_full_disk(tmp, full):
+    with stop_on_full_disk(tmp, full), pipeline.ema_weights():  # the EMA's weights if the run keeps one
         files = pipeline.export(tmp)
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp, final_dir)

@@ -50,6 +50,8 @@ class TrainConfig:
     clip_range: float = MISSING
     timestep_fraction: float = MISSING
     timesteps_per_call: int = MISSING
+    ema_decay: float = 0.0  # defaults: runs recorded before these keys existed had no EMA
+    ema_every: int = 1
 
 
 @dataclass
@@ -244,6 +246,15 @@ NUMBER_RULES = (
     ),
     NumberRule("train.timestep_fraction", Bounds(0, 1, low_open=True)),
     NumberRule("train.timesteps_per_call", POSITIVE),
+    NumberRule(
+        "train.ema_decay",
+        UNIT_INTERVAL,
+        "0 keeps no EMA; the EMA moves by (1 - decay) of the way to the trained weights each step",
+        Bounds(0.5, 0.9999),
+        "DiffusionNFT and Flow-GRPO use 0.9",
+        only_if="train.ema_decay",
+    ),
+    NumberRule("train.ema_every", POSITIVE, only_if="train.ema_decay"),
     NumberRule("eval.every", NON_NEGATIVE, "0 turns evaluation off"),
     NumberRule("eval.seeds", POSITIVE, only_if="eval.every"),
     NumberRule("eval.batch_size", POSITIVE, only_if="eval.every"),

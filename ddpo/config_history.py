@@ -38,6 +38,9 @@ FREE_PREFIXES = ("logger.", "launcher.")
 # the shape of the trained weights: a checkpoint trained with other values cannot be loaded
 STRUCTURAL_KEYS = ("use_lora", "lora_rank", "pipeline._target_")
 ABSENT = "<absent>"
+# keys a later version added, with the value that trains as runs did before the key existed: a
+# checkpoint recorded without the key compares as if it held that value
+ADDED_KEYS = {"train.ema_decay": 0.0, "train.ema_every": 1}
 
 
 def plain(value):
@@ -66,7 +69,7 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple]:
     for key in sorted(old_flat.keys() | new_flat.keys()):
         if key in FREE_KEYS or key.startswith(FREE_PREFIXES):
             continue
-        before, after = old_flat.get(key, ABSENT), new_flat.get(key, ABSENT)
+        before, after = old_flat.get(key, ADDED_KEYS.get(key, ABSENT)), new_flat.get(key, ABSENT)
         if before != after:
             changes[key] = (before, after)
     return changes

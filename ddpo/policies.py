@@ -59,3 +59,25 @@ class ShadowWeights:
                 if value.shape != self.tensors[name].shape:
                     raise ValueError(f"{name}: shape {tuple(value.shape)}, expected {tuple(self.tensors[name].shape)}")
                 self.tensors[name].copy_(value)
+
+
+def ema_decay(decay: float, step: int) -> float:
+    """The EMA's decay after optimizer step ``step`` (1, 2, ...): min((1 + n) / (10 + n), decay).
+
+    The warm-up of the EMA that DiffusionNFT and Flow-GRPO keep for evaluation (flow_grpo/ema.py,
+    ``get_current_decay``): early steps move it most, so it does not stay at the base weights.
+    """
+    return min((1 + step) / (10 + step), decay)
+
+
+class EMAWeights(ShadowWeights):
+    """An exponential moving average of the trained weights, updated after every optimizer step."""
+
+    def __init__(self, named_parameters: dict[str, torch.nn.Parameter], decay: float, every: int = 1):
+        super().__init__(named_parameters)
+        self.decay, self.every = decay, every
+
+    def step(self, global_step: int) -> None:
+        """After optimizer step ``global_step``: blend every ``every``-th step (Flow-GRPO: every 8th)."""
+        if global_step % self.every == 0:
+            self.blend(ema_decay(self.decay, global_step))

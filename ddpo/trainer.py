@@ -259,6 +259,7 @@ def train_epoch(
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     state.global_step += 1
+                    pipeline.update_ema(state.global_step)
     means = {}
     for key, values in totals.items():
         value = torch.stack([v.float() for v in values]).mean() if values else torch.zeros((), device=device)
@@ -323,6 +324,7 @@ def differentiable_epoch(comps: Components, run, epoch: int, optimizer, model, s
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
+                pipeline.update_ema(state.global_step)
             backward_s += time.perf_counter() - backward_started
             images = out.images.detach()[::repeat].float()
             rewards = scores.detach().float().reshape(-1, repeat).mean(dim=1).cpu()
@@ -400,7 +402,8 @@ def run_evaluation(comps: Components, evals: MetricsFile, state: TrainingState) 
     from ddpo.evaluation import flat_metrics
 
     started = time.perf_counter()
-    with comps.pipeline.evaluation():  # the family's evaluation sampler (flow: the ODE, eval_num_steps)
+    # the family's evaluation sampler (flow: the ODE, eval_num_steps), with the EMA weights if the run keeps one
+    with comps.pipeline.evaluation(), comps.pipeline.ema_weights():
         summary = comps.evaluator.run(comps.pipeline, comps.accelerator)
     values = flat_metrics(summary)
     values["eval_time_s"] = time.perf_counter() - started
@@ -423,6 +426,8 @@ def prepare(comps: Components, run):
         pipeline.keep_reference()  # before training moves the weights
     if algorithm.needs_old_policy:
         pipeline.keep_old_policy()
+    if run.train.ema_decay > 0:
+        pipeline.keep_ema(run.train.ema_decay, run.train.ema_every)
     algorithm.start(pipeline)  # before resume_run loads trained weights: what the run starts from
     optimizer = (comps.optimizer or default_optimizer(run.train))(pipeline.trainable_parameters())
     model, optimizer = comps.accelerator.prepare(pipeline.trainable_module(), optimizer)

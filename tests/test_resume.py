@@ -226,6 +226,11 @@ def test_full_finetuning_resumes_from_its_diffusers_checkpoint(tmp_path):
         pytest.param(
             ["algorithm=nft", "algorithm.group_size=2", "algorithm.kl_coef=0.1", "use_lora=false"], id="nft-full-kl"
         ),
+        # the EMA of the weights (train.ema_decay) is restored exactly too
+        pytest.param(
+            ["algorithm=nft", "algorithm.group_size=2", "algorithm.old_decay_rate=0.1", "train.ema_decay=0.9"],
+            id="nft-ema",
+        ),
     ],
 )
 def test_new_algorithms_resume_exactly(tmp_path, algorithm):
@@ -241,8 +246,9 @@ def test_new_algorithms_resume_exactly(tmp_path, algorithm):
         from safetensors.torch import load_file
 
         last = Path("checkpoints") / "checkpoint_00003"
-        for name in ("old_policy.safetensors", "trained_weights.safetensors"):
+        for name in ("old_policy.safetensors", "trained_weights.safetensors", "ema.safetensors"):
             if not (whole / last / name).exists():  # full fine-tuning: the weights are the diffusers folder
+                assert name != "ema.safetensors" or "train.ema_decay=0.9" not in algorithm
                 continue
             ours, ref = load_file(stopped / last / name), load_file(whole / last / name)
             assert ours.keys() == ref.keys() and ours

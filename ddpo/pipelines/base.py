@@ -16,6 +16,7 @@ from ddpo.schedulers.ddim import draw_noise
 
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # the trained tensors under their own names
 OLD_POLICY_FILE = "old_policy.safetensors"  # the old policy's weights (forward-process algorithms), by the same names
+EMA_FILE = "ema.safetensors"  # the EMA of the trained weights (train.ema_decay > 0), by the same names
 # the kinds of rollout an algorithm asks for (Algorithm.rollout); a differentiable one is sampled inside the loss
 TRANSITIONS, FINAL, DIFFERENTIABLE = "transitions", "final", "differentiable"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # mixed_precision -> frozen dtype
@@ -241,6 +242,36 @@ class DDPOPipeline(ABC):
         """theta_old <- decay theta_old + (1 - decay) theta."""
         self._old_policy.blend(decay)
 
+    # -- the EMA of the trained weights (train.ema_decay): what evaluation samples and final/ holds -------
+    _ema = None
+
+    def keep_ema(self, decay: float, every: int = 1) -> None:
+        """Called before training when ``train.ema_decay > 0``: the EMA starts as the trained weights."""
+        from ddpo.policies import EMAWeights
+
+        if self._ema is None:
+            named = self.trainable_module().named_parameters()
+            self._ema = EMAWeights({name: p for name, p in named if p.requires_grad}, decay, every)
+
+    def update_ema(self, global_step: int) -> None:
+        """After optimizer step ``global_step``: theta_ema <- d theta_ema + (1 - d) theta (no EMA: nothing)."""
+        if self._ema is not None:
+            self._ema.step(global_step)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Within this context the pipeline holds the EMA weights (the trained ones when there is no EMA)."""
+        if self._ema is None:
+            yield
+            return
+        with self._ema.swapped():
+            yield
+
+    def shadow_files(self) -> list[tuple[object, str, str]]:
+        """The copies beside the trained weights a checkpoint holds: (weights, file name, why it is kept)."""
+        kept = [(self._old_policy, OLD_POLICY_FILE, "the algorithm keeps an old policy"), (self._ema, EMA_FILE, "")]
+        return [(weights, name, why or "train.ema_decay > 0") for weights, name, why in kept if weights is not None]
+
     @contextlib.contextmanager
     def reference(self):
         """Within this context the pipeline is the reference policy (the model before training)."""
@@ -349,9 +380,9 @@ class DDPOPipeline(ABC):
             path = os.path.join(directory, TRAINED_WEIGHTS_FILE)
             save_file({k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()}, path)
             files.append(path)
-        if self._old_policy is not None:
-            path = os.path.join(directory, OLD_POLICY_FILE)
-            save_file({k: v.contiguous().cpu() for k, v in self._old_policy.state_dict().items()}, path)
+        for weights, name, _ in self.shadow_files():
+            path = os.path.join(directory, name)
+            save_file({k: v.contiguous().cpu() for k, v in weights.state_dict().items()}, path)
             files.append(path)
         return files
 
@@ -368,14 +399,14 @@ class DDPOPipeline(ABC):
                 )
             raise FileNotFoundError(f"{path} is missing")
         self.load_trained_state_dict(load_file(path) if os.path.isfile(path) else self.read_export(directory))
-        if self._old_policy is not None:
-            old = os.path.join(directory, OLD_POLICY_FILE)
-            if not os.path.isfile(old):
-                raise FileNotFoundError(f"{old} is missing (the algorithm keeps an old policy)")
+        for weights, name, why in self.shadow_files():
+            path = os.path.join(directory, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is missing ({why})")
             try:
-                self._old_policy.load_state_dict(load_file(old))
+                weights.load_state_dict(load_file(path))
             except ValueError as exc:
-                raise WeightsMismatch(f"{old}: {exc}") from None
+                raise WeightsMismatch(f"{path}: {exc}") from None
 
 
 @dataclass

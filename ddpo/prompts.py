@@ -279,7 +279,9 @@ class ShapesPrompts(PromptSet):
         return sum(len(captions) for captions in self.by_kind.values())
 
     def eval_prompts(self) -> list[str]:
-        return shapes_eval_prompts(self.split)
+        """The split's fixed evaluation captions of this set's kinds (relations: 16 drawn once)."""
+        captions = {c for kind in self.kinds for c in self.by_kind[kind]}
+        return [c for c in shapes_eval_prompts(self.split) if c in captions]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(split={self.split!r}, n={len(self)})"

@@ -137,6 +137,22 @@ def all_scenes() -> list[Scene]:
     return scenes
 
 
+# The testbed's noisy attribute (model=tiny_testbed, scripts/pretrain_testbed.py): each colour's
+# partner. Pretraining renders a caption's objects in the partner colour at a known rate, so the
+# base draws the named colour about half of the time. The slip is cyclic, not a swap: the words
+# keep distinct meanings ("red" means red or yellow, "yellow" yellow or green), and guidance
+# cannot undo it, because p(colour | caption) / p(colour) is the same for a colour and its partner.
+COLOUR_SLIP = {"red": "yellow", "yellow": "green", "green": "blue", "blue": "red"}
+
+
+def slipped(scene: Scene) -> Scene:
+    """The scene with every object in its colour's partner (``COLOUR_SLIP``); the caption stays."""
+    if scene.relation is not None:
+        raise ValueError("the testbed world has single objects and counts only")
+    spec = scene.specs[0]
+    return Scene((Spec(COLOUR_SLIP[spec.colour], spec.shape, spec.count),))
+
+
 def split(scene: Scene) -> str:
     """``"heldout"`` if the scene uses a held-out colour-shape pairing, else ``"train"``."""
     return "heldout" if scene.pairs & HELDOUT_PAIRS else "train"

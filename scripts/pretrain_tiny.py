@@ -204,24 +204,28 @@ def encode_captions(tokenizer, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def train_diffusion(latents: torch.Tensor, scenes: list, tokenizer, args, device):
+def train_diffusion(latents: torch.Tensor, scenes: list, tokenizer, args, device, unet=None, text_encoder=None):
+    """The UNet and text encoder trained on the diffusion loss (from random weights, or from the
+    given ``unet`` and ``text_encoder``: scripts/pretrain_testbed.py fine-tunes the shapes model)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(args.seed + 2)
-    unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_DIM,
-        intermediate_size=4 * TEXT_DIM,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_TOKENS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = CLIPTextModel(text_config).to(device)
+    if unet is None:
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_DIM,
+            intermediate_size=4 * TEXT_DIM,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text_encoder = CLIPTextModel(text_config)
+    unet, text_encoder = unet.to(device).train(), text_encoder.to(device).train()
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False
     )
@@ -424,12 +428,12 @@ def scorer_accuracy(scorer, args, device, count: int = 2000) -> float:
     return float(((logits > 0) == torch.tensor(labels)).float().mean())
 
 
-def evaluate_pipeline(pipe, args, device, **sampler) -> dict:
+def evaluate_pipeline(pipe, args, device, prompts=None, **sampler) -> dict:
     """Exact-checker accuracy of the pipeline on the held-out prompts (each with several seeds);
     ``sampler``: the family's extra arguments of the diffusers pipeline call."""
     from ddpo.prompts import shapes_eval_prompts
 
-    prompts = shapes_eval_prompts("heldout")
+    prompts = prompts or shapes_eval_prompts("heldout")
     results = {name: [] for name in ("correct",) + shapes.ATTRIBUTES}
     pipe.to(device)
     for start in range(0, len(prompts), 16):
@@ -456,9 +460,9 @@ def evaluate_pipeline(pipe, args, device, **sampler) -> dict:
     return {name: interval(np.array(values, dtype=float)) for name, values in results.items()}
 
 
-def write_record(args, device, timings, heldout, argv, **extra) -> None:
+def write_record(args, device, timings, heldout, argv, script: str = "pretrain_tiny.py", **extra) -> None:
     record = {
-        "command": "python scripts/pretrain_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": f"python scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "device": str(device)
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"),

@@ -29,6 +29,7 @@ KNOWN_LOADERS = {
     "ddpo.models.load_stable_diffusion_xl": ("path", "revision", "variant"),
     "ddpo.models.tiny_sdxl_model": ("path", "seed", "resolution"),
     "ddpo.models.tiny_shapes_model": ("path", "resolution"),
+    "ddpo.models.tiny_testbed_model": ("path", "resolution"),
     "ddpo.models.load_stable_diffusion_3": ("path", "revision", "variant", "drop_t5"),
     "ddpo.models.tiny_flow_model": ("path", "seed", "resolution", "drop_t5"),
     "ddpo.models.sd3_architecture": ("seed", "resolution"),

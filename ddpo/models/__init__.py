@@ -9,6 +9,7 @@ from ddpo.models.loading import (
     tiny_sdxl_model,
     tiny_shapes_flow_model,
     tiny_shapes_model,
+    tiny_testbed_model,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "tiny_sdxl_model",
     "tiny_shapes_flow_model",
     "tiny_shapes_model",
+    "tiny_testbed_model",
 ]

@@ -178,6 +178,17 @@ def tiny_shapes_model(path: str | None = None, resolution: int = 32):
     return load_stable_diffusion(directory)
 
 
+def tiny_testbed_model(path: str | None = None, resolution: int = 32):
+    """The testbed model (``scripts/pretrain_testbed.py``): the shapes model fine-tuned on renders whose
+    colour slips to its partner half of the time, so that it draws the named colour about half of the time."""
+    directory = path or str(tiny_shapes_dir("tiny_testbed"))
+    if not path and not os.path.isfile(os.path.join(directory, "model_index.json")):
+        raise ConfigError(
+            f"the shipped testbed model is missing from {directory} (python scripts/pretrain_testbed.py writes it)"
+        )
+    return load_stable_diffusion(directory)
+
+
 def tiny_shapes_flow_model(path: str | None = None, resolution: int = 32):
     """The flow-matching twin of the tiny shapes model: a ``StableDiffusion3Pipeline`` (no T5) loaded
     from safetensors files with no network (``scripts/pretrain_tiny.py --family flow``)."""

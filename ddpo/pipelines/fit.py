@@ -17,6 +17,7 @@ LOADER_OUTPUTS = {
     "ddpo.models.load_stable_diffusion_xl": "StableDiffusionXLPipeline",
     "ddpo.models.tiny_sdxl_model": "StableDiffusionXLPipeline",
     "ddpo.models.tiny_shapes_model": "StableDiffusionPipeline",
+    "ddpo.models.tiny_testbed_model": "StableDiffusionPipeline",
     "ddpo.models.load_stable_diffusion_3": "StableDiffusion3Pipeline",
     "ddpo.models.tiny_flow_model": "StableDiffusion3Pipeline",
     "ddpo.models.sd3_architecture": "StableDiffusion3Pipeline",

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+import pretrain_tiny  # noqa: E402
 import torch  # noqa: E402
 
-import pretrain_tiny  # noqa: E402
 from ddpo import shapes  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent.parent / "ddpo" / "assets"

@@ -6,7 +6,8 @@
 
 The prompts, rewards and sampler are the run's (``eval.prompt`` or its training prompt set; its
 training reward plus ``eval.rewards``; ``sample.*``), so the numbers equal what ``eval.every``
-logged for the same weights and seeds. Writes into ``--out`` (default ``<run>/eval``):
+logged for the same weights and seeds (for a run with ``train.ema_decay > 0``, the checkpoint's EMA,
+as ``eval.every`` and ``final/`` use it). Writes into ``--out`` (default ``<run>/eval``):
 
 - ``summary.json``: per model (base, trained), every reward and info value with its mean and 95%
   confidence interval, the diversity score, and the trained-minus-base differences;
@@ -202,8 +203,10 @@ def main(argv=None) -> int:
             results["base"] = evaluate(pipeline, prompts, seeds, rewards, batch_size)
         print_summary("base", results["base"].summary)
     if weights_dir is not None:
+        if run.train.ema_decay > 0:  # the run evaluated (and exported) its EMA: so does this
+            pipeline.keep_ema(run.train.ema_decay, run.train.ema_every)
         pipeline.load_trained(weights_dir)
-        with pipeline.evaluation():
+        with pipeline.evaluation(), pipeline.ema_weights():
             results["trained"] = evaluate(pipeline, prompts, seeds, rewards, batch_size)
         print_summary(f"trained ({os.path.relpath(weights_dir, run_dir)})", results["trained"].summary)
     os.makedirs(out, exist_ok=True)

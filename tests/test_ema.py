@@ -61,6 +61,7 @@ def test_out_of_range_decay_is_one_line():
         build(compose([*TINY, "train.ema_decay=1.0"]), "unused")
 
 
+@pytest.mark.slow  # a training run: kept out of the fast suite's CI budget (run with -m slow)
 def test_evaluation_and_final_hold_the_ema_checkpoints_hold_both(tmp_path):
     from safetensors.torch import load_file
 

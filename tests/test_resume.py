@@ -230,6 +230,7 @@ def test_full_finetuning_resumes_from_its_diffusers_checkpoint(tmp_path):
         pytest.param(
             ["algorithm=nft", "algorithm.group_size=2", "algorithm.old_decay_rate=0.1", "train.ema_decay=0.9"],
             id="nft-ema",
+            marks=pytest.mark.slow,  # three more runs: outside the fast suite's CI budget (run with -m slow)
         ),
     ],
 )

@@ -42,7 +42,8 @@ import torch  # noqa: E402
 
 from ddpo import shapes  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parent.parent / "ddpo" / "assets"
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "ddpo" / "assets"
 KINDS = ("single", "counting")
 
 
@@ -69,6 +70,23 @@ def build_dataset(count: int, seed: int, split: str, slip: float, size: int = 32
         scenes.append(scene)
         slips.append(slipped)
     return images, scenes, slips
+
+
+def forget_paths(directory: Path) -> None:
+    """Drop the ``_name_or_path`` that diffusers writes into saved configs (the folder it was loaded
+    from, a path of the machine that built it): the shipped files name no machine's paths."""
+    import json
+
+    for path in [directory / "model_index.json", *directory.glob("*/config.json")]:
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def shown(path: Path) -> str:
+    """A path as the record keeps it: relative to the repository when inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def main(argv=None) -> int:
@@ -129,8 +147,10 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.to("cpu")
     pipe.save_pretrained(args.out, safe_serialization=True)
+    forget_paths(args.out)
     if (args.init_from / "scorer").is_dir() and args.init_from.resolve() != args.out.resolve():
         shutil.copytree(args.init_from / "scorer", args.out / "scorer", dirs_exist_ok=True)
+    args.init_from = shown(args.init_from)
     pretrain_tiny.write_record(args, device, timings, heldout, argv, script="pretrain_testbed.py", slipped=sum(slips))
     return 0
 

@@ -114,3 +114,16 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def run_evaluate(run_dir, out, seeds: int = 2):
+    """``python scripts/evaluate.py <run_dir> --seeds N --out <out>``; returns its summary.json (asserts success)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(run_dir), "--seeds", str(seeds), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((Path(out) / "summary.json").read_text())

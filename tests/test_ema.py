@@ -103,26 +103,15 @@ def test_evaluation_and_final_hold_the_ema_checkpoints_hold_both(tmp_path):
 @pytest.mark.slow
 def test_evaluate_reports_the_ema_that_eval_every_logged(tmp_path):
     import json
-    import subprocess
-    import sys
 
     from ddpo.evaluation import flat_metrics
-    from tests.conftest import ROOT, run_cli
+    from tests.conftest import run_cli, run_evaluate
     from tests.test_evaluation import SMALL_SHAPES
 
     run_dir = tmp_path / "run"
     result = run_cli(run_dir, [*SMALL_SHAPES, "train.ema_decay=0.9", "train.learning_rate=1e-2"], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
-    out = tmp_path / "eval"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(run_dir), "--seeds", "2", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    trained = flat_metrics(json.loads((out / "summary.json").read_text())["trained"])
+    trained = flat_metrics(run_evaluate(run_dir, tmp_path / "eval")["trained"])
     for key, value in trained.items():
         assert value == pytest.approx(evals[-1][key], rel=1e-6, abs=1e-9), key

@@ -11,7 +11,7 @@ import torch
 
 from ddpo.evaluation import diversity, evaluate, flat_metrics, interval
 from ddpo.models.loading import tiny_shapes_dir
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_evaluate
 
 needs_model = pytest.mark.skipif(
     not (tiny_shapes_dir() / "model_index.json").is_file(),
@@ -96,15 +96,7 @@ def test_eval_every_logs_what_evaluate_reports_for_the_same_weights(tmp_path):
     assert {"eval_shape_proxy_mean", "eval_diversity"} <= set(evals[0])
 
     out = tmp_path / "eval"
-    done = subprocess.run(
-        [sys.executable, str(EVALUATE), str(run_dir), "--seeds", "2", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = run_evaluate(run_dir, out)
     assert summary["weights"].endswith("checkpoint_00002")
     for label, logged in (("base", evals[0]), ("trained", evals[1])):
         reported = flat_metrics(summary[label])

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from ddpo import shapes
 from ddpo.models.loading import tiny_shapes_dir
-from tests.conftest import ROOT, load_script, run_cli
+from tests.conftest import load_script, run_cli, run_evaluate
 
 SHIPPED = tiny_shapes_dir("tiny_testbed")
 needs_model = pytest.mark.skipif(
@@ -124,17 +122,9 @@ def test_testbed_eval_every_logs_what_evaluate_reports(tmp_path):
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in evals] == [0, 2]
     out = tmp_path / "eval"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(run_dir), "--seeds", "2", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    summary = run_evaluate(run_dir, out)
     from ddpo.evaluation import flat_metrics
 
-    summary = json.loads((out / "summary.json").read_text())
     for label, logged in (("base", evals[0]), ("trained", evals[1])):
         for key, value in flat_metrics(summary[label]).items():
             if logged[key] is None:  # no caption has a relation: NaN, written as null

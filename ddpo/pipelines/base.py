@@ -269,8 +269,11 @@ class DDPOPipeline(ABC):
 
     def shadow_files(self) -> list[tuple[object, str, str]]:
         """The copies beside the trained weights a checkpoint holds: (weights, file name, why it is kept)."""
-        kept = [(self._old_policy, OLD_POLICY_FILE, "the algorithm keeps an old policy"), (self._ema, EMA_FILE, "")]
-        return [(weights, name, why or "train.ema_decay > 0") for weights, name, why in kept if weights is not None]
+        kept = [
+            (self._old_policy, OLD_POLICY_FILE, "the algorithm keeps an old policy"),
+            (self._ema, EMA_FILE, "train.ema_decay > 0"),
+        ]
+        return [entry for entry in kept if entry[0] is not None]
 
     @contextlib.contextmanager
     def reference(self):

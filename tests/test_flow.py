@@ -324,7 +324,7 @@ def test_gated_model_error_says_how_to_log_in(monkeypatch, refusal):
         load_stable_diffusion_3("stabilityai/stable-diffusion-3.5-medium", drop_t5=True)
     message = str(raised.value)
     assert "\n" not in message
-    assert "gated" in message and "huggingface-cli login" in message and "HF_TOKEN" in message, message
+    assert "gated" in message and "hf auth login" in message and "HF_TOKEN" in message, message
 
 
 def test_sd3_arch_is_sd35_medium_sized():

@@ -79,7 +79,7 @@ def measure_differentiable_floor(components, run, repeats: int) -> dict:
     s = run.sample
     unet, denoiser = pipeline.trainable_module(), pipeline._denoiser
     size = pipeline.resolution // pipeline.vae_scale_factor
-    channels = unet.config.in_channels
+    channels = getattr(pipeline, "latent_channels", unet.config.in_channels)  # FLUX packs 4x its channels
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     prompts, metadata = map(
         list, zip(*(components.prompt_fn(__import__("random").Random(i)) for i in range(s.batch_size)))
@@ -174,7 +174,7 @@ def measure_floor(components, run, repeats: int) -> dict:
     unet = pipeline.trainable_module()  # the UNet, or a flow model's transformer
     denoiser = pipeline._denoiser
     size = pipeline.resolution // pipeline.vae_scale_factor
-    channels = unet.config.in_channels
+    channels = getattr(pipeline, "latent_channels", unet.config.in_channels)  # FLUX packs 4x its channels
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def unet_inputs(samples: int, cfg: bool) -> dict:

@@ -1,10 +1,13 @@
 from ddpo.models.loading import (
+    flux_architecture,
+    load_flux,
     load_stable_diffusion,
     load_stable_diffusion_3,
     load_stable_diffusion_xl,
     sd3_architecture,
     sd15_architecture,
     tiny_flow_model,
+    tiny_flux_model,
     tiny_model,
     tiny_sdxl_model,
     tiny_shapes_flow_model,
@@ -13,12 +16,15 @@ from ddpo.models.loading import (
 )
 
 __all__ = [
+    "flux_architecture",
+    "load_flux",
     "load_stable_diffusion",
     "load_stable_diffusion_3",
     "load_stable_diffusion_xl",
     "sd3_architecture",
     "sd15_architecture",
     "tiny_flow_model",
+    "tiny_flux_model",
     "tiny_model",
     "tiny_sdxl_model",
     "tiny_shapes_flow_model",

@@ -49,6 +49,15 @@ def load_stable_diffusion_3(
     return _from_pretrained("StableDiffusion3Pipeline", "tiny_flow", path, revision, variant, **kwargs)
 
 
+def load_flux(path: str, revision: str | None = None, variant: str | None = None, resolution: int | None = None):
+    """A diffusers ``FluxPipeline`` (float32, CPU) from a hub id or a local directory (FLUX.1-dev, schnell).
+
+    As the loaders above: ``resolution`` is the pipeline's, failure to load is one line, and a gated
+    model the Hub refuses (FLUX.1-dev needs its license accepted) says how to log in.
+    """
+    return _from_pretrained("FluxPipeline", "tiny_flux", path, revision, variant)
+
+
 def _gated(exc: BaseException) -> bool:
     """Whether loading failed because the Hub wants a login or an accepted license (401 / gated repo)."""
     from huggingface_hub.errors import GatedRepoError
@@ -91,7 +100,7 @@ def _from_pretrained(
         if not local and _gated(exc):
             raise ConfigError(
                 f"cannot load hub model {path!r}: it is gated (401); accept its license on "
-                f"https://huggingface.co/{path} and log in with `huggingface-cli login` (or set HF_TOKEN), "
+                f"https://huggingface.co/{path} and log in with `hf auth login` (or set HF_TOKEN), "
                 f"or use model={offline_model} without network access"
             ) from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -132,6 +141,24 @@ def tiny_flow_model(path: str | None = None, seed: int = 0, resolution: int = 64
     return build_tiny_flow_pipeline(seed=seed, resolution=resolution, with_t5=not drop_t5)
 
 
+def tiny_flux_model(path: str | None = None, seed: int = 0, resolution: int = 64, guidance: bool = True):
+    """The tiny local FLUX model (``ddpo/models/tiny_flux.py``), or one loaded from ``path`` if given."""
+    if path:
+        return load_flux(path)
+    from ddpo.models.tiny_flux import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(seed=seed, resolution=resolution, guidance=guidance)
+
+
+def flux_architecture(
+    seed: int = 0, resolution: int = 1024, num_layers: int | None = None, num_single_layers: int | None = None
+):
+    """FLUX.1-dev's transformer and VAE with random weights (stand-in text encoders), optionally fewer blocks."""
+    from ddpo.models.tiny_flux import build_flux_architecture
+
+    return build_flux_architecture(seed, resolution, num_layers, num_single_layers)
+
+
 def sd3_architecture(seed: int = 0, resolution: int = 512):
     """Stable Diffusion 3.5 Medium's transformer and VAE with random weights (tiny text encoders, no T5)."""
     from ddpo.models.sd3_arch import build_sd3_architecture
@@ -149,7 +176,15 @@ def sd15_architecture(seed: int = 0, resolution: int = 512):
 # the builders above that make random weights (unless given a ``path`` to load): no trained denoiser
 RANDOM_WEIGHT_BUILDERS = tuple(
     f"ddpo.models.{f.__name__}"
-    for f in (tiny_model, tiny_sdxl_model, tiny_flow_model, sd3_architecture, sd15_architecture)
+    for f in (
+        tiny_model,
+        tiny_sdxl_model,
+        tiny_flow_model,
+        tiny_flux_model,
+        sd3_architecture,
+        sd15_architecture,
+        flux_architecture,
+    )
 )
 
 

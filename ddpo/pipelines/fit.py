@@ -22,6 +22,9 @@ LOADER_OUTPUTS = {
     "ddpo.models.tiny_flow_model": "StableDiffusion3Pipeline",
     "ddpo.models.sd3_architecture": "StableDiffusion3Pipeline",
     "ddpo.models.tiny_shapes_flow_model": "StableDiffusion3Pipeline",
+    "ddpo.models.load_flux": "FluxPipeline",
+    "ddpo.models.tiny_flux_model": "FluxPipeline",
+    "ddpo.models.flux_architecture": "FluxPipeline",
 }
 
 

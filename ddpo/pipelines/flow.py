@@ -59,9 +59,13 @@ LORA_TARGET_MODULES = [
 class _Schedule:
     """One sampling schedule (a number of steps) as per-device tables: no host sync inside the loop."""
 
-    def __init__(self, scheduler, num_steps: int, device, noise_level: float, sigma_schedule: str, mu=None):
+    def __init__(
+        self, scheduler, num_steps: int, device, noise_level: float, sigma_schedule: str, mu=None, sigmas=None
+    ):
         kwargs = {"mu": mu} if mu is not None else {}
-        scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+        if sigmas is not None:  # the family's own sigmas before the shift (FLUX: linspace(1, 1 / n, n))
+            kwargs["sigmas"] = sigmas
+        scheduler.set_timesteps(None if sigmas is not None else num_steps, device="cpu", **kwargs)
         sigmas = scheduler.sigmas.detach().to(torch.float32)  # num_steps + 1 values, the last 0
         self.num_steps = num_steps
         self.sigmas = sigmas.to(device)
@@ -81,6 +85,7 @@ class FlowMatchingDDPOPipeline(DenoiserPipeline):
     option = "flow_sde"
     trained_folder, trained_class = "transformer", "SD3Transformer2DModel"
     CONDITIONING_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+    lora_targets = LORA_TARGET_MODULES
 
     def __init__(
         self,
@@ -141,9 +146,7 @@ class FlowMatchingDDPOPipeline(DenoiserPipeline):
         self.sd = components
         self.transformer = components.transformer
         self.vae = components.vae
-        self.text_encoders = [
-            e for e in (components.text_encoder, components.text_encoder_2, components.text_encoder_3) if e is not None
-        ]
+        self.text_encoders = self.text_encoders_of(components)
         self.set_placement(device, use_lora, mixed_precision)
         if resolution is not None and (resolution <= 0 or resolution % (self.vae_scale_factor * self.patch_size)):
             raise ConfigError(
@@ -152,9 +155,7 @@ class FlowMatchingDDPOPipeline(DenoiserPipeline):
             )
         self.resolution = resolution or self.transformer.config.sample_size * self.vae_scale_factor
 
-        lora = (
-            {"rank": lora_rank, "alpha": lora_alpha or lora_rank, "targets": LORA_TARGET_MODULES} if use_lora else None
-        )
+        lora = {"rank": lora_rank, "alpha": lora_alpha or lora_rank, "targets": self.lora_targets} if use_lora else None
         self.set_up_weights(
             self.transformer, [self.vae, *self.text_encoders], lora=lora, gradient_checkpointing=gradient_checkpointing
         )
@@ -165,13 +166,28 @@ class FlowMatchingDDPOPipeline(DenoiserPipeline):
         self._evaluating = False
 
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config)
+        self._train_schedule = self._schedule(num_steps)
+        self._eval_schedule = self._schedule(eval_num_steps) if eval_num_steps != num_steps else self._train_schedule
+
+    # -- what a flow family defines (FLUX overrides these: ddpo/pipelines/flux.py) ----------------
+    @staticmethod
+    def text_encoders_of(components) -> list:
+        encoders = (components.text_encoder, components.text_encoder_2, components.text_encoder_3)
+        return [e for e in encoders if e is not None]
+
+    def _schedule(self, num_steps: int) -> "_Schedule":
+        """The sampling schedule of ``num_steps`` steps: the scheduler's own sigmas, shifted as diffusers' SD3 pipeline does."""
         mu = self._dynamic_shift()
-        self._train_schedule = _Schedule(self.scheduler, num_steps, self.device, noise_level, sigma_schedule, mu)
-        self._eval_schedule = (
-            _Schedule(self.scheduler, eval_num_steps, self.device, noise_level, sigma_schedule, mu)
-            if eval_num_steps != num_steps
-            else self._train_schedule
-        )
+        return _Schedule(self.scheduler, num_steps, self.device, self.noise_level, self.sigma_schedule, mu)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """The shape of a batch of latents as the chain keeps them (B, C, H, W): the VAE's layout."""
+        size = self.resolution // self.vae_scale_factor
+        return (batch, self.latent_channels, size, size)
 
     def _dynamic_shift(self) -> float | None:
         """The resolution-dependent shift ``mu``, as diffusers' SD3 pipeline computes it, if the scheduler uses one."""
@@ -253,11 +269,15 @@ class FlowMatchingDDPOPipeline(DenoiserPipeline):
             "pooled_projections": pooled,
         }
 
+    def unpacked(self, output: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output in the chain's latent layout (SD3's transformer already returns it)."""
+        return output
+
     def _velocity(self, latents, timesteps, conditioning, cfg: bool) -> torch.Tensor:
         inputs = self.denoiser_inputs(latents, timesteps, conditioning, cfg)
         with self._autocast():
             output = self._denoiser(**inputs, return_dict=False)[0]
-        output = output.float()
+        output = self.unpacked(output.float())
         if not cfg:
             return output
         uncond, cond = output.chunk(2)
@@ -270,8 +290,7 @@ class FlowMatchingDDPOPipeline(DenoiserPipeline):
         evaluating = self._evaluating
         schedule = self._eval_schedule if evaluating else self._train_schedule
         start, end = (0, 0) if evaluating else self.window
-        size = self.resolution // self.vae_scale_factor
-        shape = (batch, self.transformer.config.in_channels, size, size)
+        shape = self.latent_shape(batch)
         # t = 1: pure noise
         latents = draw_noise(
             shape, initial_generator(generator, shared_generator, branch_steps), self.device, torch.float32
@@ -342,10 +361,7 @@ class FlowMatchingDDPOPipeline(DenoiserPipeline):
         conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
         batch = conditioning["prompt_embeds"].shape[0]
         schedule = self._train_schedule
-        size = self.resolution // self.vae_scale_factor
-        latents = draw_noise(
-            (batch, self.transformer.config.in_channels, size, size), generator, self.device, torch.float32
-        )
+        latents = draw_noise(self.latent_shape(batch), generator, self.device, torch.float32)
         for i in range(schedule.num_steps):
             t, t_next = schedule.sigmas[i], schedule.sigmas[i + 1]
             velocity = self._velocity(latents, schedule.timesteps[i].expand(batch), conditioning, self.sample_cfg)
@@ -362,8 +378,7 @@ class FlowMatchingDDPOPipeline(DenoiserPipeline):
         """The chain ``sample`` draws (the training schedule: the SDE inside ``sde_window``, the ODE outside)."""
         conditioning = {key: conditioning[key] for key in self.CONDITIONING_KEYS}
         batch = conditioning["prompt_embeds"].shape[0]
-        size = self.resolution // self.vae_scale_factor
-        shape = (batch, self.transformer.config.in_channels, size, size)
+        shape = self.latent_shape(batch)
         return conditioning, draw_noise(shape, generator, self.device, torch.float32), self._train_schedule.num_steps
 
     def chain_output(self, i: int, latents, conditioning):

@@ -288,6 +288,19 @@ def read_run(source: Source):
     return cfg, choices, overrides, records
 
 
+def read_evaluations(source: Source) -> list[dict]:
+    """The run's held-out evaluations (eval.jsonl: the one before training included) of these weights' epochs."""
+    from ddpo.errors import DDPOError
+    from ddpo.logging import EVAL_FILE, MetricsFile
+
+    try:
+        evaluations = MetricsFile(source.run_dir, EVAL_FILE).read()
+    except DDPOError as exc:
+        fail(str(exc))
+    last = source.epochs if source.epochs is not None else max((e["epoch"] for e in evaluations), default=0)
+    return [e for e in evaluations if e["epoch"] <= last]
+
+
 # -- samples ------------------------------------------------------------------------------------
 def run_prompts(cfg, count: int) -> list[str]:
     """``count`` distinct prompts of the run's own prompt set (seeded draws), or DEFAULT_PROMPTS."""
@@ -510,14 +523,30 @@ def write_card(
         f"| {name} | {r['epoch']} | {number(r.get('reward_mean'))} | {number(r.get('reward_std'))} |"
         for name, r in rows
     )
-    evals = [r for r in records if any(k.startswith("eval_") and k.endswith("_mean") for k in r)]
+    evals = info.get("evaluations") or []
     eval_text = ""
-    if evals:
-        keys = sorted(k for k in evals[-1] if k.startswith("eval_") and k.endswith("_mean"))
+    if evals:  # eval.jsonl: its first line is the base model's evaluation, before any training
+        first_eval, last_eval = evals[0], evals[-1]
+        keys = sorted(
+            k
+            for k, v in last_eval.items()
+            if k.startswith("eval_")
+            and not k.endswith(("_ci_low", "_ci_high", "_time_s", "_epochs_trained"))
+            and isinstance(v, (int, float))
+        )
+
+        def value(e: dict, k: str) -> str:  # the mean, with its 95% interval where the evaluation has one
+            low, high = e.get(k + "_ci_low"), e.get(k + "_ci_high")
+            interval = f" [{number(low)}, {number(high)}]" if low is not None and high is not None else ""
+            return number(e.get(k)) + interval
+
+        def heading(e: dict) -> str:
+            return "before training" if e["epoch"] == 0 else f"after {e['epoch']} epoch{'s' if e['epoch'] != 1 else ''}"
+
         eval_text = (
-            "\n\nHeld-out evaluation (`eval.every`; the epoch's line of `metrics.jsonl`):\n\n"
-            "| metric | first evaluation | last evaluation |\n|---|---|---|\n"
-            + "\n".join(f"| `{k}` | {number(evals[0].get(k))} | {number(evals[-1].get(k))} |" for k in keys)
+            "\n\nHeld-out evaluation (`eval.every`, `eval.jsonl`):\n\n"
+            f"| metric | {heading(first_eval)} | {heading(last_eval)} |\n|---|---|---|\n"
+            + "\n".join(f"| `{k}` | {value(first_eval, k)} | {value(last_eval, k)} |" for k in keys)
         )
     settings = (
         [k for k in HYPERPARAMETERS if k != "sample.eta"] + FLOW_HYPERPARAMETERS
@@ -739,6 +768,7 @@ def main(argv=None) -> str:
     source = locate(args.run_dir, args.checkpoint)
     kind, folders, files = weight_files(source)
     cfg, choices, overrides, records = read_run(source)
+    evaluations = read_evaluations(source)
     out = check_out(args.out or default_out(source), source, args.overwrite)
     pipeline = choices.get("pipeline", "ddim")
     family = pipeline_family(cfg, choices)
@@ -779,6 +809,7 @@ def main(argv=None) -> str:
             kind=kind,
             folders=folders,
             family=family,
+            evaluations=evaluations,
             usage=usage,
             samples_caption=caption if grid is not None else None,
         )

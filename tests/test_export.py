@@ -279,3 +279,29 @@ def test_the_command_line_prints_one_error_line(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no such directory" in lines[0], result.stderr
+
+
+def test_the_card_evaluation_table_starts_with_the_base_models_evaluation(tmp_path):
+    """eval.every=2 over 2 epochs: the card's held-out table is eval.jsonl's, before training (epoch 0) and
+    after the last epoch; the old card read metrics.jsonl, which never holds the pre-training evaluation."""
+    import json
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "use_lora=true", "train.learning_rate=1e-2", "eval.every=2", "eval.seeds=1"]
+    result = run_cli(run_dir, [*overrides, "eval.batch_size=2", "prompt=from_file", f"prompt.path={prompts}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluations = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evaluations] == [0, 2]
+    key = "eval_jpeg_compressibility_mean"  # the training reward, under its own name
+    base, trained = evaluations[0][key], evaluations[-1][key]
+    assert base != trained
+    out = tmp_path / "export"
+    export.main([str(run_dir), "--out", str(out), "--no-sample"])
+    text = ModelCard.load(out / "README.md").text
+    assert "| metric | before training | after 2 epochs |" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{key}` |"))
+    assert row.split(" | ")[1].startswith(export.number(base)) and row.split(" | ")[2].startswith(
+        export.number(trained)
+    )

@@ -22,6 +22,6 @@ Available rewards (module: class):
 - ``rewards.remote``: ``RemoteReward`` (any reward, scored by an HTTP server: ``scripts/reward_server.py``)
 """
 
-from rewards.base import Reward
+from .base import Reward
 
 __all__ = ["Reward"]

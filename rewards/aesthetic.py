@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddpo.errors import ConfigError
-from rewards.base import ModelReward, as_reward_tensor, check_images, first_line, freeze, open_clip_image_size
-from rewards.download import HubSource, UrlSource, default_cache_dir, fetch_verified, verify_sha256
+
+from .base import ModelReward, as_reward_tensor, check_images, first_line, freeze, open_clip_image_size
+from .download import HubSource, UrlSource, default_cache_dir, fetch_verified, verify_sha256
 
 HEAD_FILENAME = "sac+logos+ava1-l14-linearMSE.pth"
 HEAD_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
@@ -66,7 +67,7 @@ def load_head(path):
     """The frozen :class:`AestheticHead` with the state dict of ``path`` (strict keys, CPU)."""
     import torch
 
-    from rewards.aesthetic_head import AestheticHead
+    from .aesthetic_head import AestheticHead
 
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -119,7 +120,7 @@ class AestheticReward(ModelReward):
         preprocess: str = "pil",
         dtype: str = "fp32",
     ):
-        from rewards.open_clip_models import create_open_clip
+        from .open_clip_models import create_open_clip
 
         super().__init__(dtype)
         if preprocess not in PREPROCESS_MODES:
@@ -164,7 +165,7 @@ class AestheticReward(ModelReward):
 
     def pixels(self, images, preprocess: str | None = None):
         """The normalised CLIP input of ``images`` by the ``pil`` or ``tensor`` path (float32)."""
-        from rewards.clip_preprocess import preprocess_pil, preprocess_tensor
+        from .clip_preprocess import preprocess_pil, preprocess_tensor
 
         if (preprocess or self.preprocess) == "pil":
             return preprocess_pil(images, self.image_size)

@@ -65,7 +65,7 @@ def preprocess_pil(images, size: int = 224, mode: str = "shortest", mean=CLIP_ME
     import torch
     from PIL import Image
 
-    from rewards.base import to_pil_images
+    from .base import to_pil_images
 
     out = []
     for image in to_pil_images(images):
@@ -101,7 +101,7 @@ def preprocess_tensor(
     import torch
     import torch.nn.functional as F
 
-    from rewards.base import check_images
+    from .base import check_images
 
     check_images(images)
     pixels = images.float()

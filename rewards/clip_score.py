@@ -8,7 +8,7 @@ revision or a local dir.
 
 from __future__ import annotations
 
-from rewards.hf_clip import HFClipReward
+from .hf_clip import HFClipReward
 
 MODEL_PATH = "openai/clip-vit-large-patch14"
 MODEL_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ddpo.errors import ConfigError
 from ddpo.network import unreachable, work_offline_unless_hub_reachable
-from rewards.base import first_line
+
+from .base import first_line
 
 _TRUE = {"1", "true", "yes", "on"}
 

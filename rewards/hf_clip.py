@@ -10,13 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddpo.errors import ConfigError
-from rewards.base import ModelReward, as_reward_tensor, check_images, first_line, freeze, to_pil_images
+
+from .base import ModelReward, as_reward_tensor, check_images, first_line, freeze, to_pil_images
 
 
 def load_pretrained(loader, path: str, revision: str | None, *, what: str, key: str):
     """``loader.from_pretrained`` of a local dir or a Hub id; a one-line ConfigError on failure."""
     from ddpo.network import work_offline_unless_hub_reachable
-    from rewards.download import hub_offline
+
+    from .download import hub_offline
 
     local = Path(str(path)).expanduser()
     if local.is_dir():
@@ -144,7 +146,7 @@ class HFClipReward(ModelReward):
 
     def tensor_pixels(self, images):
         """The differentiable twin of :meth:`pil_pixels` (float32, on the images' device)."""
-        from rewards.clip_preprocess import preprocess_tensor, resized_shape
+        from .clip_preprocess import preprocess_tensor, resized_shape
 
         if self.tensor_spec is None:
             raise NotImplementedError(

@@ -12,8 +12,9 @@ from __future__ import annotations
 import warnings
 
 from ddpo.errors import ConfigError
-from rewards.base import ModelReward, as_reward_tensor, check_images, first_line, open_clip_image_size
-from rewards.clip_preprocess import RESIZE_MODES
+
+from .base import ModelReward, as_reward_tensor, check_images, first_line, open_clip_image_size
+from .clip_preprocess import RESIZE_MODES
 
 HUB_REPO = "xswu/HPSv2"
 HUB_FILENAME = "HPS_v2.1_compressed.pt"
@@ -24,7 +25,7 @@ _IGNORED_MISSING = {"logit_bias"}
 def _checkpoint_file(checkpoint_path, hub_repo, hub_filename, hub_revision) -> str:
     from pathlib import Path
 
-    from rewards.download import hub_file
+    from .download import hub_file
 
     fix = f"set reward.checkpoint_path=/path/to/{hub_filename}"
     if checkpoint_path is not None:
@@ -101,7 +102,7 @@ class HPSv2(ModelReward):
         resize: str = "longest",
         dtype: str = "fp32",
     ):
-        from rewards.open_clip_models import create_open_clip, open_clip_tokenizer
+        from .open_clip_models import create_open_clip, open_clip_tokenizer
 
         super().__init__(dtype)
         if resize not in RESIZE_MODES:
@@ -121,7 +122,7 @@ class HPSv2(ModelReward):
 
     def pixels(self, images, preprocess: str = "pil"):
         """The normalised CLIP input of ``images``: ``pil`` (HPS's own) or its ``tensor`` twin."""
-        from rewards.clip_preprocess import preprocess_pil, preprocess_tensor
+        from .clip_preprocess import preprocess_pil, preprocess_tensor
 
         if preprocess == "pil":
             return preprocess_pil(images, self.image_size, self.resize)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from rewards.base import Reward, as_reward_tensor, check_images, to_uint8_hwc
+from .base import Reward, as_reward_tensor, check_images, to_uint8_hwc
 
 
 def jpeg_size_kb(images, quality: int = 95):

@@ -1,9 +1,9 @@
 """A weighted sum of rewards, configured in YAML.
 
-    _target_: rewards.mix.WeightedSum
+    _target_: ddpo.rewards.mix.WeightedSum
     components:
-      aesthetic: {weight: 1.0, reward: {_target_: rewards.aesthetic.AestheticReward}}
-      jpeg_compressibility: {weight: 0.1, reward: {_target_: rewards.jpeg.JpegCompressibility}}
+      aesthetic: {weight: 1.0, reward: {_target_: ddpo.rewards.aesthetic.AestheticReward}}
+      jpeg_compressibility: {weight: 0.1, reward: {_target_: ddpo.rewards.jpeg.JpegCompressibility}}
 
 Hydra instantiates the nested rewards before this class sees them. ``info`` holds each
 component's raw (unweighted) per-image reward under the component's name, and each component's
@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ddpo.errors import ConfigError
-from rewards.base import Reward, as_reward_tensor, check_images
+
+from .base import Reward, as_reward_tensor, check_images
 
 
 def _build(name: str, reward):

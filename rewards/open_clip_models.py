@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 
 from ddpo.errors import ConfigError
-from rewards.base import first_line, freeze
+
+from .base import first_line, freeze
 
 TINY_MODELS = {
     "tiny-test": {

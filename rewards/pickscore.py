@@ -6,7 +6,7 @@ model card. The processor comes from the CLIP-H base repo, the weights from Pick
 
 from __future__ import annotations
 
-from rewards.hf_clip import HFClipReward
+from .hf_clip import HFClipReward
 
 PROCESSOR_PATH = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PROCESSOR_REVISION = "1c2b8495b28150b8a4922ee1c8edee224c284c0c"

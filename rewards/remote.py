@@ -33,7 +33,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ddpo.errors import ConfigError, DDPOError
-from rewards.base import Reward, check_images, to_uint8_hwc
+
+from .base import Reward, check_images, to_uint8_hwc
 
 PROTOCOL = 1
 IMAGE_ENCODINGS = ("png", "raw")
@@ -173,7 +174,7 @@ def encode_scores(output: Any, batch_size: int) -> dict:
 
     Info entries without one value per image are dropped, as the trainer drops them for a local reward.
     """
-    from rewards.base import as_reward_tensor
+    from .base import as_reward_tensor
 
     if not (isinstance(output, tuple) and len(output) == 2):
         raise ValueError(f"the reward must return (rewards, info), got {type(output).__name__}")

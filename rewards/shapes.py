@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from rewards.base import ModelReward, Reward, as_reward_tensor, check_images, to_uint8_hwc
+from .base import ModelReward, Reward, as_reward_tensor, check_images, to_uint8_hwc
 
 SCORER_FILE = "model.safetensors"
 SCORER_CONFIG = "config.json"

@@ -29,7 +29,7 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 # what a run's config may instantiate here: classes of this project only (a config is data, not code)
 ALLOWED = {
     "prompt": ("ddpo.prompts", "PromptSet"),
-    "reward": ("rewards.base", "Reward"),
+    "reward": ("ddpo.rewards.base", "Reward"),
     "pipeline": ("ddpo.pipelines.base", "DDPOPipeline"),
 }
 
@@ -45,8 +45,8 @@ def checked_instantiate(node, kind: str, what: str, **kwargs):
     from hydra.utils import get_class, instantiate
 
     target = node.get("_target_") if hasattr(node, "get") else None
-    if not isinstance(target, str) or not target.startswith(("ddpo.", "rewards.")):
-        fail(f"{what}: _target_={target!r} is not a class of this project (ddpo.* or rewards.*)")
+    if not isinstance(target, str) or not target.startswith(("ddpo.", "rewards.")):  # rewards.*: a clone's old configs
+        fail(f"{what}: _target_={target!r} is not a class of this project (ddpo.*, ddpo.rewards.* or rewards.*)")
     module, base = ALLOWED[kind]
     try:
         cls = get_class(target)

@@ -371,7 +371,7 @@ def load_vae(path: Path, images: torch.Tensor, device, shift_factor: float | Non
 
 
 def train_scorer(images_uint8: np.ndarray, scenes: list, vae, args, device):
-    from rewards.shapes import ShapeScorer, scene_vector
+    from ddpo.rewards.shapes import ShapeScorer, scene_vector
 
     torch.manual_seed(args.seed + 4)
     scorer = ShapeScorer().to(device)
@@ -417,7 +417,7 @@ def train_scorer(images_uint8: np.ndarray, scenes: list, vae, args, device):
 
 def scorer_accuracy(scorer, args, device, count: int = 2000) -> float:
     """Accuracy of the scorer on fresh renders, half with their caption and half with a changed one."""
-    from rewards.shapes import scene_vector
+    from ddpo.rewards.shapes import scene_vector
 
     images, scenes = build_dataset(count, args.seed + 100)
     rng = random.Random(args.seed + 101)
@@ -545,7 +545,7 @@ def main(argv=None) -> int:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from ddpo.models.tokenizer import build_word_tokenizer
-    from rewards.shapes import save_scorer
+    from ddpo.rewards.shapes import save_scorer
 
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

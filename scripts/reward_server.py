@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 CONF_DIR = os.path.join(ROOT, "conf")
 
 from ddpo.errors import ConfigError, DDPOError  # noqa: E402
-from rewards.remote import (  # noqa: E402
+from ddpo.rewards.remote import (  # noqa: E402
     IMAGE_ENCODINGS,
     PROTOCOL,
     TOKEN_ENV,
@@ -85,7 +85,7 @@ def build_reward(overrides: list[str], target: str | None):
                 raise ConfigError(f"cannot compose the reward from {overrides}: {reason}") from None
         name = cfg.hydra.runtime.choices.get("reward", "reward")
         node = cfg.reward
-    if node.get("_target_") == "rewards.remote.RemoteReward":
+    if node.get("_target_") in ("ddpo.rewards.remote.RemoteReward", "rewards.remote.RemoteReward"):
         raise ConfigError("reward=remote cannot be served: pick the reward this server computes (reward=<name>)")
     return _instantiate(node, f"the reward ({name})"), name, node.get("_target_")
 

@@ -23,6 +23,7 @@ EXTRA = {
     ("experiment", "flowgrpo_pickscore"): [f"prompt.path={PROMPT_FILE}"],  # Flow-GRPO's prompt list is not shipped
     ("experiment", "nft_pickscore_sd35"): [f"prompt.path={PROMPT_FILE}"],  # nor DiffusionNFT's
     ("experiment", "awm_pickscore_sd35"): [f"prompt.path={PROMPT_FILE}"],  # nor AWM's
+    ("experiment", "dancegrpo_flux_hps"): [f"prompt.path={PROMPT_FILE}"],  # nor DanceGRPO's
 }
 REQUIRED_METRICS = (
     "epoch",
@@ -88,7 +89,7 @@ def test_option_composes(group, option):
 def test_option_values_land():
     cfg = compose(["experiment=tiny_compressibility"])
     assert cfg.model._target_ == "ddpo.models.tiny_model"
-    assert cfg.reward._target_ == "rewards.jpeg.JpegCompressibility"
+    assert cfg.reward._target_ == "ddpo.rewards.jpeg.JpegCompressibility"
     assert cfg.prompt._target_ == "ddpo.prompts.SimpleAnimals"
     assert cfg.num_epochs == 30 and cfg.use_lora is False
     assert run_config(cfg).mixed_precision.value == "no"
@@ -99,7 +100,7 @@ def test_option_values_land():
 
     # the command line beats the preset
     cfg = compose(["experiment=tiny_compressibility", "num_epochs=3", "reward=jpeg_incompressibility"])
-    assert cfg.num_epochs == 3 and cfg.reward._target_ == "rewards.jpeg.JpegIncompressibility"
+    assert cfg.num_epochs == 3 and cfg.reward._target_ == "ddpo.rewards.jpeg.JpegIncompressibility"
 
     defaults = compose()
     assert defaults.model.path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -108,7 +109,7 @@ def test_option_values_land():
     assert compose(["logger=wandb"]).logger.backend == "wandb"
     assert compose(["logger=none"]).logger.backend == "none"
     assert compose(["prompt=from_file", f"prompt.path={PROMPT_FILE}"]).prompt.path == PROMPT_FILE
-    assert compose(["reward=aesthetic"]).reward._target_ == "rewards.aesthetic.AestheticReward"
+    assert compose(["reward=aesthetic"]).reward._target_ == "ddpo.rewards.aesthetic.AestheticReward"
 
 
 def test_typed_schema_rejects_bad_keys_and_types():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+import ddpo
 from tests.conftest import ROOT
 
 SOURCES = ["ddpo", "rewards", "conf", "hydra_plugins", "pyproject.toml", "setup.py", "README.md", "LICENSE"]
@@ -41,19 +42,21 @@ def wheel(tmp_path_factory) -> Path:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (found,) = (root / "dist").glob("ddpo_diffusion-0.2.0-*.whl")
+    (found,) = (root / "dist").glob(f"ddpo_diffusion-{ddpo.__version__}-*.whl")
     return found
 
 
 def test_the_wheel_holds_packages_configs_and_assets(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
 
-    packages = [p.parent for p in ROOT.glob("ddpo/**/__init__.py")] + [
-        p.parent for p in ROOT.glob("rewards/**/__init__.py")
-    ]
+    packages = [p.parent for p in ROOT.glob("ddpo/**/__init__.py")]
     for package in packages:
         for module in package.glob("*.py"):
             assert str(module.relative_to(ROOT)) in names, module
+    # the repository's rewards/ is installed inside ddpo: no top-level package of that name
+    for module in (ROOT / "rewards").glob("*.py"):
+        assert f"ddpo/rewards/{module.name}" in names, module
+    assert not [n for n in names if n.startswith("rewards/")]
     assert "ddpo/cli.py" in names
     assert "hydra_plugins/ddpo_launcher/launcher.py" in names
     assert "hydra_plugins/__init__.py" not in names  # Hydra's namespace package, shared with other plugins
@@ -76,7 +79,8 @@ def test_the_wheel_holds_packages_configs_and_assets(wheel):
 
 def test_the_wheel_metadata_matches_the_tested_pins(wheel):
     archive = zipfile.ZipFile(wheel)
-    info = "ddpo_diffusion-0.2.0.dist-info"
+    info = f"ddpo_diffusion-{ddpo.__version__}.dist-info"
+    assert "ddpo/py.typed" in archive.namelist()
     entry_points = archive.read(f"{info}/entry_points.txt").decode()
     assert "[console_scripts]" in entry_points and "ddpo-train = ddpo.cli:train" in entry_points
     assert f"{info}/licenses/LICENSE" in archive.namelist()
@@ -140,7 +144,9 @@ def test_ddpo_train_from_an_installed_copy_is_train_py(wheel, tmp_path):
     assert output([*ddpo_train, *job], elsewhere, env) == output(
         [sys.executable, str(ROOT / "train.py"), *job], ROOT, env
     )
-    where = output([sys.executable, "-c", "import ddpo, rewards, hydra_plugins.ddpo_launcher"], elsewhere, env)
+    where = output(
+        [sys.executable, "-c", "import ddpo, ddpo.rewards.jpeg, hydra_plugins.ddpo_launcher"], elsewhere, env
+    )
     imported = output([sys.executable, "-c", "import ddpo; print(ddpo.__file__)"], elsewhere, env)
     assert where == "" and imported.startswith(str(site / "ddpo")), imported
     assert str(site / "ddpo" / "conf") in output([*ddpo_train, "--info", "searchpath"], elsewhere, env)
@@ -181,3 +187,23 @@ def test_logger_wandb_without_the_extra_is_one_line(tmp_path, monkeypatch):
         ConfigError, match=r"logger=wandb needs the wandb package: pip install 'ddpo-diffusion\[wandb\]'"
     ):
         build(compose([*TINY, "logger=wandb"]), str(tmp_path / "run"))
+
+
+def test_an_installed_copy_lives_beside_another_top_level_rewards_package(wheel, tmp_path):
+    """PyPI's ``rewards`` (0.1.1) is a top-level package too: the wheel must not install one, or installing both
+    overwrites files. Here a stand-in ``rewards`` sits in the same site directory; both import, each its own."""
+    env = installed_copy(wheel, tmp_path)
+    site = tmp_path / "site"
+    assert not (site / "rewards").exists()  # the wheel installed no top-level rewards/
+    (site / "rewards").mkdir()
+    (site / "rewards" / "__init__.py").write_text('WHOSE = "the other rewards package"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = (
+        "import rewards, ddpo.rewards.jpeg as jpeg; from hydra.utils import get_class; "
+        "print(rewards.WHOSE); print(jpeg.__file__); "
+        "print(get_class('ddpo.rewards.jpeg.JpegCompressibility').__name__)"
+    )
+    whose, jpeg_file, target = output([sys.executable, "-c", probe], elsewhere, env).splitlines()
+    assert whose == "the other rewards package"
+    assert jpeg_file.startswith(str(site / "ddpo" / "rewards")) and target == "JpegCompressibility"

@@ -154,7 +154,7 @@ def test_killed_after_a_checkpoint_resumes_without_gaps(reference, tmp_path, mon
     run_in_process(run_dir, [*RUN, f"num_epochs={N}", "save_freq=2", "resume_with_changes=true"])
     history = [json.loads(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [0, 2]
-    assert history[1]["changes"]["reward._target_"]["to"] == "rewards.jpeg.JpegCompressibility"
+    assert history[1]["changes"]["reward._target_"]["to"] == "ddpo.rewards.jpeg.JpegCompressibility"
 
     assert len(restored) == 1
     epochs_completed, global_step, tracker_state = restored[0]

@@ -299,7 +299,7 @@ def test_the_hacking_preset_trains_on_the_proxy_and_evaluates_proxy_checker_and_
 
     cfg = compose(["experiment=tiny_shapes_hacking"])
     assert cfg.algorithm._target_ == "ddpo.algorithms.DRaFT" and cfg.algorithm.grad_steps == 1
-    assert cfg.reward._target_ == "rewards.shapes.ShapeProxy" and cfg.eval.prompt.split == "heldout"
+    assert cfg.reward._target_ == "ddpo.rewards.shapes.ShapeProxy" and cfg.eval.prompt.split == "heldout"
     assert set(cfg.eval.rewards) == {"shape_proxy", "shape_alignment"}
     small = [
         "logger=none",

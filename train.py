@@ -21,5 +21,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import os
+    import sys
+
+    from ddpo.help import print_help_if_asked
+
+    if print_help_if_asked(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"), "train.py"):
+        sys.exit(0)
     with one_line_config_errors():  # a misspelt option or key, a wrong type: one line, as the run's own errors
         main()

@@ -285,7 +285,8 @@ def save_checkpoint(comps, run, state: TrainingState) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
+        with quiet_accelerate_info():  # its INFO lines name every file with an absolute path: one line below
+            accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with open(os.path.join(tmp, STATE_FILE), "w") as handle:
@@ -298,8 +299,28 @@ def save_checkpoint(comps, run, state: TrainingState) -> str:
         if run.checkpoints_total_limit:
             for _, old in list_checkpoints(comps.run_dir)[: -run.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s saved (epoch %d)", os.path.relpath(final, comps.run_dir), state.epochs_completed)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def quiet_accelerate_info():
+    """Drop accelerate's INFO records while the block runs (its warnings and errors still pass)."""
+
+    class BelowInfo(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return record.levelno > logging.INFO
+
+    quiet = BelowInfo()
+    loggers = [logging.getLogger(name) for name in ("accelerate.accelerator", "accelerate.checkpointing")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager
@@ -385,7 +406,7 @@ def append_record(metrics: MetricsFile, record: dict, run_dir: str) -> None:
         if not disk_full(exc, metrics.path):
             raise
         raise DDPOError(
-            f"the disk is full: the record of epoch {record['epoch']} could not be appended to {metrics.path} "
+            f"the disk is full: the record of epoch {record['epoch'] + 1} could not be appended to {metrics.path} "
             f"(checkpoints in {os.path.join(run_dir, CHECKPOINT_DIR)} are intact). Free space and rerun the same "
             "command to resume"
         ) from None

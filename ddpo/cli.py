@@ -32,10 +32,16 @@ def run(cfg: DictConfig) -> float | None:
 
 def train() -> None:
     """The console script: ``python train.py``'s app, with the config directory found at run time."""
+    import sys
+
     import hydra
 
     from ddpo.config import register_configs
+    from ddpo.help import print_help_if_asked
     from ddpo.hydra_callbacks import one_line_config_errors
+
+    if print_help_if_asked(sys.argv[1:], config_dir(), "ddpo-train"):
+        return
 
     register_configs()
     with one_line_config_errors():

@@ -52,6 +52,8 @@ class TrainConfig:
     timesteps_per_call: int = MISSING
     ema_decay: float = 0.0  # defaults: runs recorded before these keys existed had no EMA
     ema_every: int = 1
+    lr_scheduler: str = "constant"  # and no schedule: runs recorded before these keys existed had none
+    lr_warmup_steps: int = 0
 
 
 @dataclass
@@ -255,6 +257,7 @@ NUMBER_RULES = (
         only_if="train.ema_decay",
     ),
     NumberRule("train.ema_every", POSITIVE, only_if="train.ema_decay"),
+    NumberRule("train.lr_warmup_steps", NON_NEGATIVE, "optimizer steps of warm-up; 0 = none"),
     NumberRule("eval.every", NON_NEGATIVE, "0 turns evaluation off"),
     NumberRule("eval.seeds", POSITIVE, only_if="eval.every"),
     NumberRule("eval.batch_size", POSITIVE, only_if="eval.every"),
@@ -277,8 +280,20 @@ def _applies(run: RunConfig, rule: NumberRule):
     return _get(run, rule.key)
 
 
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
 def check_ranges(run: RunConfig) -> None:
     """Every numeric key is in its range (NUMBER_RULES); ConfigError names the key and the range."""
+    if run.train.lr_scheduler not in LR_SCHEDULERS:
+        raise ConfigError(
+            f"train.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)} (got {run.train.lr_scheduler!r})"
+        )
+    if run.train.lr_scheduler == "constant" and run.train.lr_warmup_steps:
+        raise ConfigError(
+            "train.lr_warmup_steps needs a schedule with warm-up: train.lr_scheduler=constant_with_warmup "
+            "(or linear, cosine, ...); plain constant ignores warm-up in diffusers' get_scheduler"
+        )
     for rule in NUMBER_RULES:
         value = _applies(run, rule)
         if value is not None and value not in rule.allowed:
@@ -601,8 +616,19 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
             config=_flat_config(cfg),
             init_kwargs=init_kwargs,
         )
-    tracker = RunTracker(accelerator, backend, run_dir, prompt_table_every=logger_cfg.get("prompt_table_every", 0))
-    return run, Components(
+    images_every, max_images = logger_cfg.get("images_every", 1), logger_cfg.get("max_images", 16)
+    for key, value, low in (("images_every", images_every, 0), ("max_images", max_images, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"logger.{key} must be an integer >= {low} (got {value!r})")
+    tracker = RunTracker(
+        accelerator,
+        backend,
+        run_dir,
+        prompt_table_every=logger_cfg.get("prompt_table_every", 0),
+        images_every=images_every,
+        max_images=max_images,
+    )
+    comps = Components(
         accelerator=accelerator,
         pipeline=pipeline,
         algorithm=algorithm,
@@ -619,6 +645,10 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
         resume=resume,
         optimizer=optimizer,
     )
+    from ddpo.summary import startup_lines
+
+    comps.summary = startup_lines(cfg, run, comps)
+    return run, comps
 
 
 def check_reward_prompts(reward_fn, prompt_fn, name: str) -> None:

@@ -44,10 +44,16 @@ class EvalResult:
         return flat_metrics(self.summary, prefix)
 
 
-def generate(pipeline, pairs: list[tuple[int, str, int]], batch_size: int) -> torch.Tensor:
-    """Images of (prompt index, prompt, seed) triples, in order, with the pipeline's sampler (no gradients)."""
+def generate(pipeline, pairs: list[tuple[int, str, int]], batch_size: int, show: bool = True) -> torch.Tensor:
+    """Images of (prompt index, prompt, seed) triples, in order, with the pipeline's sampler (no gradients);
+    a progress bar on a terminal (``show``: False on the other processes)."""
+    from tqdm.auto import tqdm
+
+    from ddpo.progress import bar_disabled
+
     images = []
-    for start in range(0, len(pairs), batch_size):
+    starts = range(0, len(pairs), batch_size)
+    for start in tqdm(starts, desc="evaluation", unit="batch", leave=False, disable=bar_disabled(show)):
         chunk = pairs[start : start + batch_size]
         generators = [torch.Generator(device="cpu").manual_seed(eval_seed(i, s)) for i, _, s in chunk]
         with torch.no_grad():
@@ -74,7 +80,8 @@ def score(images: torch.Tensor, prompts: list[str], rewards: dict, batch_size: i
 
 
 def interval(values: np.ndarray) -> dict:
-    """Mean and 95% CI of the finite values: Wilson's interval for 0/1 values, else mean +- 1.96 s.e."""
+    """Mean and 95% CI of the finite values: Wilson's interval for 0/1 values, else Student's t interval
+    (mean +- t(0.975, n - 1) s.e., scipy's t: over a few seeds 1.96 would be too narrow, 4.30 at n = 3)."""
     values = values[np.isfinite(values)]
     n = len(values)
     if n == 0:
@@ -84,7 +91,11 @@ def interval(values: np.ndarray) -> dict:
         centre = (mean + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
         half = Z95 * math.sqrt(mean * (1 - mean) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
         return {"mean": mean, "ci95": [centre - half, centre + half], "n": n}
-    half = Z95 * float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+    if n < 2:
+        return {"mean": mean, "ci95": [math.nan, math.nan], "n": n}
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.975, n - 1)) * float(values.std(ddof=1)) / math.sqrt(n)
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
 
 
@@ -183,7 +194,7 @@ class Evaluator:
         if mine:
             prompts = [self.prompts[i] for i in mine]
             pairs = [(i, p, s) for i, p in zip(mine, prompts) for s in self.seeds]
-            images = generate(pipeline, pairs, self.batch_size)
+            images = generate(pipeline, pairs, self.batch_size, show=accelerator.is_local_main_process)
             part["scores"] = score(images, [p for _, p, _ in pairs], self.rewards, self.batch_size)
             part["diversity"] = diversity(images, len(mine)).tolist()
         parts = gather_object([part]) if world > 1 else [part]

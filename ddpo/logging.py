@@ -154,19 +154,31 @@ def to_pil(image):
     return Image.fromarray(array)
 
 
+CAPTION_LINES = 4  # a caption wraps onto at most this many lines under its tile (the last one ends in "...")
+
+
+def wrap_caption(caption: str, width: int, lines: int = CAPTION_LINES) -> list[str]:
+    """The caption in lines of at most ``width`` characters, broken between words; "..." where it is cut."""
+    import textwrap
+
+    return textwrap.wrap(caption, width=max(width, 4), max_lines=lines, placeholder="...") or [""]
+
+
 def image_grid(images: list, captions: list[str], tile: int = 256, columns: int | None = None):
-    """Tiles with their captions underneath, up to 8 per row."""
+    """Tiles with their captions underneath (wrapped, not cut), up to 8 per row."""
     from PIL import Image, ImageDraw
 
     columns = min(columns or 8, len(images))
     rows = math.ceil(len(images) / columns)
-    caption_height = 14
+    wrapped = [wrap_caption(c, tile // 6) for c in captions]
+    line_height = 11
+    caption_height = 3 + line_height * max((len(w) for w in wrapped), default=1)
     grid = Image.new("RGB", (columns * tile, rows * (tile + caption_height)), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (image, caption) in enumerate(zip(images, captions)):
+    for i, (image, lines) in enumerate(zip(images, wrapped)):
         x, y = (i % columns) * tile, (i // columns) * (tile + caption_height)
         grid.paste(to_pil(image).convert("RGB").resize((tile, tile)), (x, y))
-        draw.text((x + 2, y + tile + 1), caption[: tile // 6], fill="black")
+        draw.multiline_text((x + 2, y + tile + 1), "\n".join(lines), fill="black", spacing=1)
     return grid
 
 
@@ -178,10 +190,20 @@ class RunTracker:
     with tensorboard and with no logger. Every call to ``log_images`` also writes a captioned grid
     to ``<run>/images/step_<step>.png``, so images are on disk whatever the logger.
     ``log_epoch_rewards`` logs the epoch's reward histogram and, every ``prompt_table_every``
-    epochs (0: never), a per-prompt table.
+    epochs (0: never), a per-prompt table. The image hook runs every ``images_every`` epochs (and
+    at the last; 0: never, ``images_due``), and a call logs at most ``max_images`` images.
     """
 
-    def __init__(self, accelerator, backend: str, run_dir: str, prompt_table_every: int = 0):
+    def __init__(
+        self,
+        accelerator,
+        backend: str,
+        run_dir: str,
+        prompt_table_every: int = 0,
+        images_every: int = 1,
+        max_images: int = 16,
+    ):
+        self.images_every, self.max_images = images_every, max_images
         self.accelerator = accelerator
         self.backend = backend
         self.image_dir = os.path.join(run_dir, "images")
@@ -198,6 +220,7 @@ class RunTracker:
         for caption, images in values.items():
             images = images if isinstance(images, (list, tuple)) else [images]
             flat.extend((caption if len(images) == 1 else f"{caption} ({i})", img) for i, img in enumerate(images))
+        flat = flat[: self.max_images]
         pils = [to_pil(img) for _, img in flat]
         if self.backend == "wandb":
             import wandb
@@ -215,6 +238,11 @@ class RunTracker:
             writer.flush()
         os.makedirs(self.image_dir, exist_ok=True)
         image_grid(pils, [c for c, _ in flat]).save(os.path.join(self.image_dir, f"step_{step or 0:06d}.png"))
+
+    def images_due(self, epoch: int, num_epochs: int) -> bool:
+        """Whether the image hook runs after ``epoch`` (0-based): every ``images_every`` epochs from the first,
+        and the last epoch; never with ``images_every`` 0."""
+        return self.images_every > 0 and (epoch % self.images_every == 0 or epoch == num_epochs - 1)
 
     def log_epoch_rewards(self, rewards: np.ndarray, prompts: list[str], step: int, epoch: int) -> None:
         """The reward histogram of the epoch (all processes' samples), and the per-prompt table when due.
@@ -289,7 +317,7 @@ def log_last_batch_images(image_data, global_step: int, accelerate_logger, size:
     images, prompts, _, rewards = image_data[-1]
     accelerate_logger.log_images(
         {
-            f"{i:02d}: {prompt:.25} | {float(reward):.2f}": [to_pil(image).resize((size, size))]
+            f"{i:02d}: {prompt} | {float(reward):.2f}": [to_pil(image).resize((size, size))]
             for i, (image, prompt, reward) in enumerate(zip(images, prompts, rewards))
         },
         step=global_step,

@@ -14,7 +14,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from ddpo.errors import DDPOError, Interrupted
 from ddpo.logging import EVAL_FILE, MetricsFile, RunTracker, log_to_files, plot_reward_curve
 from ddpo.pipelines.base import DDPOPipeline, Rollout
 from ddpo.preemption import PreemptionGuard
+from ddpo.progress import RunProgress, bar_disabled
 from ddpo.reward_calls import (
     RewardWorker,
     abandon_reward,
@@ -73,6 +74,11 @@ class Components:
     resume: Any = None  # ResumePlan: what to resume from, found (and checked) before the model was built
     optimizer: Callable | None = (
         None  # params -> optimizer (the config's ``optimizer`` node, a partial); None: AdamW from train.*
+    )
+    summary: list[str] = field(default_factory=list)  # the start-up summary's lines (ddpo/summary.py)
+    progress: Any = None  # ddpo.progress.RunProgress while the loop runs
+    lr_scheduler: Any = (
+        None  # the learning-rate schedule (train.lr_scheduler), stepped with the optimizer; None: constant
     )
 
 
@@ -108,7 +114,7 @@ def sampling_batches(comps: Components, run, description: str):
         range(s.num_batches_per_epoch),
         desc=description,
         leave=False,
-        disable=not accelerator.is_local_main_process,
+        disable=bar_disabled(accelerator.is_local_main_process),
         dynamic_ncols=True,
     )
     for i in bar:
@@ -135,7 +141,7 @@ def sample_epoch(
     batches, prompts_all, meta_all, futures = [], [], [], []
     pipeline.trainable_module().eval()
     started = time.perf_counter()
-    for indices in sampling_batches(comps, run, f"epoch {epoch}: sampling"):
+    for indices in sampling_batches(comps, run, f"epoch {epoch + 1}: sampling"):
         prompts, metadata, generator = batch_prompts(comps, run, epoch, indices)
         shared = [algorithm.shared_noise_seed(run.seed, epoch, index) for index in indices]
         branch = [algorithm.branch_step(run.seed, epoch, index) for index in indices]
@@ -230,9 +236,9 @@ def train_epoch(
         step_order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(n)])[:, :trained]
         bar = tqdm(
             range(plan.train_batches_per_epoch),
-            desc=f"epoch {epoch}.{inner}: training",
+            desc=f"epoch {epoch + 1}: training" + (f" (pass {inner + 1})" if t.num_inner_epochs > 1 else ""),
             leave=False,
-            disable=not accelerator.is_local_main_process,
+            disable=bar_disabled(accelerator.is_local_main_process),
             dynamic_ncols=True,
         )
         for b in bar:
@@ -257,6 +263,7 @@ def train_epoch(
                     grad_norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm)
                     totals["grad_norm"].append(torch.as_tensor(grad_norm, device=device).float())
                     optimizer.step()
+                    step_lr_schedule(comps)
                     optimizer.zero_grad(set_to_none=True)
                     state.global_step += 1
                     pipeline.update_ema(state.global_step)
@@ -290,7 +297,7 @@ def differentiable_epoch(comps: Components, run, epoch: int, optimizer, model, s
     pipeline.use_wrapped(accelerator.unwrap_model(model))
     model.eval()  # no dropout: the chain is the one ``sample`` draws
     try:
-        for i, indices in enumerate(sampling_batches(comps, run, f"epoch {epoch}: sampling with gradients")):
+        for i, indices in enumerate(sampling_batches(comps, run, f"epoch {epoch + 1}: sampling with gradients")):
             prompts, metadata, generator = batch_prompts(comps, run, epoch, indices)
             k = algorithm.steps_of_batch(run.seed, epoch, indices[0])  # keyed by the batch's first sample
             out = pipeline.sample_with_grad(
@@ -322,6 +329,7 @@ def differentiable_epoch(comps: Components, run, epoch: int, optimizer, model, s
                 grad_norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm)
                 totals["grad_norm"].append(torch.as_tensor(grad_norm, device=device).float())
                 optimizer.step()
+                step_lr_schedule(comps)
                 optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
                 pipeline.update_ema(state.global_step)
@@ -363,7 +371,7 @@ def check_finite_training(stats: dict[str, float], epoch: int, run_dir: str) -> 
     for key in ("loss", "grad_norm"):
         if not math.isfinite(stats[key]):
             raise DDPOError(
-                f"epoch {epoch}: the training {key} is {stats[key]} (not finite), so the weights diverged; "
+                f"epoch {epoch + 1}: the training {key} is {stats[key]} (not finite), so the weights diverged; "
                 "nothing of this epoch was saved (the last checkpoint in "
                 f"{os.path.join(run_dir, CHECKPOINT_DIR)} is intact); lower train.learning_rate"
             )
@@ -374,7 +382,7 @@ def check_finite_weights(pipeline: DDPOPipeline, epoch: int, run_dir: str) -> No
     parameters = pipeline.trainable_parameters()
     if not bool(torch.stack([p.detach().isfinite().all() for p in parameters]).all()):
         raise DDPOError(
-            f"epoch {epoch}: the trained weights hold NaN or infinite values (training diverged); "
+            f"epoch {epoch + 1}: the trained weights hold NaN or infinite values (training diverged); "
             f"nothing of this epoch was saved (the last checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)}"
             " is intact); lower train.learning_rate"
         )
@@ -389,9 +397,9 @@ def run_image_hook(comps: Components, image_data, global_step: int, epoch: int) 
     except Exception as exc:
         name = getattr(comps.image_hook, "func", comps.image_hook)
         name = f"{getattr(name, '__module__', '?')}.{getattr(name, '__qualname__', repr(name))}"
-        log_to_files(f"the image hook {name} failed at epoch {epoch}:\n{traceback.format_exc()}")  # for its author
+        log_to_files(f"the image hook {name} failed at epoch {epoch + 1}:\n{traceback.format_exc()}")  # for its author
         return (
-            f"the image hook {name} (logger.image_hook) failed at epoch {epoch}: {type(exc).__name__}: "
+            f"the image hook {name} (logger.image_hook) failed at epoch {epoch + 1}: {type(exc).__name__}: "
             f"{' '.join(str(exc).split())[:160]}"
         )
     return None
@@ -401,6 +409,7 @@ def run_evaluation(comps: Components, evals: MetricsFile, state: TrainingState) 
     """Evaluate the current policy (``eval.*``); append it to eval.jsonl and the tracker; return its eval_* numbers."""
     from ddpo.evaluation import flat_metrics
 
+    set_phase(comps, "evaluating")
     started = time.perf_counter()
     # the family's evaluation sampler (flow: the ODE, eval_num_steps), with the EMA weights if the run keeps one
     with comps.pipeline.evaluation(), comps.pipeline.ema_weights():
@@ -431,9 +440,46 @@ def prepare(comps: Components, run):
     algorithm.start(pipeline)  # before resume_run loads trained weights: what the run starts from
     optimizer = (comps.optimizer or default_optimizer(run.train))(pipeline.trainable_parameters())
     model, optimizer = comps.accelerator.prepare(pipeline.trainable_module(), optimizer)
+    comps.lr_scheduler = lr_schedule(comps, run, optimizer)
     pipeline.use_wrapped(model)
     register_weight_hooks(comps.accelerator, pipeline)
     return model, optimizer
+
+
+def lr_schedule(comps: Components, run, optimizer):
+    """diffusers' ``get_scheduler`` over the run's optimizer steps (``train.lr_scheduler``, ``lr_warmup_steps``);
+    None for a constant rate without warm-up, so such a run and its checkpoints are exactly as before.
+
+    It is registered for checkpointing (resumed with the run) but not passed through ``accelerator.prepare``,
+    whose wrapper would step it once per process."""
+    t = run.train
+    if t.lr_scheduler == "constant" and t.lr_warmup_steps == 0:
+        return None
+    from diffusers.optimization import get_scheduler
+
+    total = run.num_epochs * comps.plan.optimizer_steps_per_epoch
+    scheduler = get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=max(total, 1)
+    )
+    comps.accelerator.register_for_checkpointing(scheduler)
+    return scheduler
+
+
+def resync_lr(comps: Components) -> None:
+    """After a resume: the optimizer's rate as the schedule gives it at the restored step. The checkpoint holds
+    the rate its own run's schedule set; a run resumed with more epochs has a longer schedule (cosine, linear
+    decay over the new total), whose next step must not start from the old schedule's rate."""
+    scheduler = comps.lr_scheduler
+    if scheduler is None or scheduler.last_epoch <= 0:
+        return
+    for group, base, schedule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def step_lr_schedule(comps: Components) -> None:
+    if comps.lr_scheduler is not None:
+        comps.lr_scheduler.step()
 
 
 def default_optimizer(t):
@@ -457,6 +503,21 @@ def resume_run(comps: Components, run, state: TrainingState) -> None:
         if comps.record is not None and loaded != resume.candidates[0]:  # fell back: compare with that one
             comps.record.check_against(loaded, own_run=resume.own)
         log.info("resumed from %s: %d epoch(s) done, global step %d", loaded, state.epochs_completed, state.global_step)
+
+
+def set_phase(comps: Components, name: str) -> None:
+    if comps.progress is not None:
+        comps.progress.phase(name)
+
+
+def log_startup_summary(comps: Components, run, state: TrainingState) -> None:
+    """What this run trains (``ddpo/summary.py``) and where it starts, one log line per item."""
+    if state.epochs_completed:
+        status = f"resumed: {state.epochs_completed} of {run.num_epochs} epochs done (global step {state.global_step})"
+    else:
+        status = f"new run: {run.num_epochs} epochs to train"
+    for line in [*comps.summary, f"resume     {status}"]:
+        log.info("%s", line)
 
 
 def finish_complete_run(comps: Components, run, state: TrainingState, metrics: MetricsFile) -> float | None:
@@ -489,7 +550,7 @@ def start_logs(comps: Components, state: TrainingState) -> tuple[MetricsFile, Me
 
 def resume_hint(run_dir: str) -> str:
     done = list_checkpoints(run_dir)
-    return f"from the checkpoint after epoch {done[-1][0] - 1}" if done else "from the start"
+    return f"from the checkpoint after epoch {done[-1][0]}" if done else "from the start"
 
 
 class Stops:
@@ -512,7 +573,7 @@ class Stops:
             if signalled is not None and time.monotonic() - signalled > self.grace / 2:
                 abandon_reward(self.comps.reward_fn)
                 raise Interrupted(
-                    f"terminated (SIGTERM) while waiting for the reward {self.comps.reward_name} in epoch {epoch} "
+                    f"terminated (SIGTERM) while waiting for the reward {self.comps.reward_name} in epoch {epoch + 1} "
                     f"(still pending {self.grace / 2:.0f} s after the signal): this epoch is lost; rerun the same "
                     f"command to resume ({resume_hint(self.comps.run_dir)})",
                     exit_code=128 + signal.SIGTERM,
@@ -557,6 +618,7 @@ def epoch_record(comps: Components, epoch: int, state: TrainingState, samples: E
 def run_epoch(comps: Components, run, epoch: int, state: TrainingState, executor, optimizer, model, stops: Stops):
     """Sample, reward, advantages, train, the algorithm's end of epoch; returns (record, samples)."""
     started = time.perf_counter()
+    set_phase(comps, f"epoch {epoch + 1}: sampling")
     if comps.algorithm.rollout == DIFFERENTIABLE:  # sampling and training interleaved, batch by batch
         samples, stats, train_s = differentiable_epoch(comps, run, epoch, optimizer, model, state)
         _, all_rewards, all_info, all_prompts = compute_advantages(comps, samples)
@@ -564,6 +626,7 @@ def run_epoch(comps: Components, run, epoch: int, state: TrainingState, executor
         samples = sample_epoch(comps, run, epoch, executor, stops.waiting_for_rewards(epoch))
         advantages, all_rewards, all_info, all_prompts = compute_advantages(comps, samples)
         train_started = time.perf_counter()
+        set_phase(comps, f"epoch {epoch + 1}: training")
         stats = train_epoch(comps, run, epoch, samples.batch, advantages, optimizer, model, state)
         train_s = time.perf_counter() - train_started
     check_finite_training(stats, epoch, comps.run_dir)
@@ -572,6 +635,8 @@ def run_epoch(comps: Components, run, epoch: int, state: TrainingState, executor
     state.epochs_completed = epoch + 1
     times = (samples.sample_s, train_s, time.perf_counter() - started)
     record = epoch_record(comps, epoch, state, samples, (all_rewards, all_info), stats, times)
+    if comps.lr_scheduler is not None:
+        record["lr"] = float(comps.lr_scheduler.get_last_lr()[0])  # the rate the next step will use
     samples.all_rewards, samples.all_prompts = all_rewards, all_prompts
     return record, samples
 
@@ -585,20 +650,29 @@ def publish_epoch(comps: Components, run, record: dict, samples: EpochSamples, l
     epoch, hook_error = record["epoch"], None
     if comps.accelerator.is_main_process:
         append_record(metrics, record, comps.run_dir)
+        # the evaluation's numbers are in the record (metrics.jsonl) but reached the tracker in run_evaluation:
+        # logged again here, TensorBoard would hold each eval_* scalar twice at this step
         comps.tracker.log(
-            {k: v for k, v in record.items() if k != "epoch" and v is not None} | {"epoch": epoch},
+            {k: v for k, v in record.items() if k != "epoch" and v is not None and not k.startswith("eval_")}
+            | {"epoch": epoch},
             step=state.global_step,
         )
         comps.tracker.log_epoch_rewards(samples.all_rewards, samples.all_prompts, step=state.global_step, epoch=epoch)
-        hook_error = run_image_hook(comps, samples.batch_images, state.global_step, epoch)
+        if comps.tracker.images_due(epoch, run.num_epochs):
+            hook_error = run_image_hook(comps, samples.batch_images, state.global_step, epoch)
+    eta = ""
+    if comps.progress is not None:
+        comps.progress.epoch_done()
+        eta = comps.progress.eta_text()
     log.info(
-        "epoch %d/%d  reward %.4f ± %.4f  %s  %.1fs",
+        "epoch %d/%d  reward %.4f ± %.4f  %s  %.1fs%s",
         epoch + 1,
         run.num_epochs,
         record["reward_mean"],
         record["reward_std"],
         comps.algorithm.summary(record),
         record["epoch_time_s"],
+        f"  {eta}" if eta else "",
     )
     return hook_error
 
@@ -610,17 +684,18 @@ def checkpoint_or_stop(comps: Components, run, state: TrainingState, stops: Stop
     hook_failed = any_rank(comps.accelerator, hook_error is not None)
     due = state.epochs_completed % run.save_freq == 0 or state.epochs_completed == run.num_epochs
     if preempted or terminated or hook_failed or due:
+        set_phase(comps, "checkpoint")
         save_checkpoint(comps, run, state)
         if comps.accelerator.is_main_process:
             plot_reward_curve(metrics.read(), os.path.join(comps.run_dir, "reward_curve.png"), title=comps.reward_name)
     if hook_failed:
         raise DDPOError(
             f"{hook_error or 'the image hook failed on the main process'} (the checkpoint of "
-            f"epoch {epoch} is saved: fix the hook and rerun the same command to resume)"
+            f"epoch {epoch + 1} is saved: fix the hook and rerun the same command to resume)"
         )
     if terminated:
         raise Interrupted(
-            f"terminated (SIGTERM) during epoch {epoch}: its checkpoint is saved; rerun the same command to resume",
+            f"terminated (SIGTERM) during epoch {epoch + 1}: its checkpoint is saved; rerun the same command to resume",
             exit_code=128 + signal.SIGTERM,
         )
     if preempted:
@@ -634,9 +709,12 @@ def train(comps: Components, run) -> float | None:
     try:
         model, optimizer = prepare(comps, run)
         resume_run(comps, run, state)
+        resync_lr(comps)
         if state.epochs_completed >= run.num_epochs:
             return finish_complete_run(comps, run, state, MetricsFile(comps.run_dir))
         metrics, evals = start_logs(comps, state)
+        log_startup_summary(comps, run, state)
+        comps.progress = RunProgress(run.num_epochs, state.epochs_completed, accelerator.is_main_process)
         log.info("%s; %s", comps.plan.summary(run), comps.algorithm.describe(comps.plan.samples_per_epoch))
         if comps.evaluator is not None and comps.evaluator.due(state.epochs_completed, run.num_epochs):
             run_evaluation(comps, evals, state)  # the policy the first epoch starts from (the base model on a new run)
@@ -655,10 +733,12 @@ def train(comps: Components, run) -> float | None:
         except KeyboardInterrupt:
             abandon_reward(comps.reward_fn)
             raise Interrupted(
-                f"interrupted during epoch {epoch}; rerun the same command to resume ({resume_hint(comps.run_dir)})",
+                f"interrupted during epoch {epoch + 1}; rerun the same command to resume ({resume_hint(comps.run_dir)})",
                 exit_code=130,
             ) from None
         finally:
+            if comps.progress is not None:
+                comps.progress.close()
             stops.uninstall()
             executor.shutdown()
             comps.tracker.finish()

@@ -79,7 +79,7 @@ CASES = {
     "reward_strings": ([BAD_REWARD + "StringReward"], ["reward", "not numbers"]),
     "image_hook_raises": (
         ["logger.image_hook._target_=tests.fixtures.hooks.failing_hook"],
-        ["tests.fixtures.hooks.failing_hook", "epoch 0", "fails on purpose", "checkpoint"],
+        ["tests.fixtures.hooks.failing_hook", "epoch 1", "fails on purpose", "checkpoint"],
     ),
     "reward_raises": ([BAD_REWARD + "RaisingReward"], ["reward", "RuntimeError", "scorer exploded on purpose"]),
 }

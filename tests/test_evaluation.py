@@ -41,8 +41,12 @@ def test_intervals():
     assert interval(np.ones(10))["ci95"][1] <= 1.0  # Wilson stays inside [0, 1]
     values = np.arange(10, dtype=float)
     continuous = interval(values)
-    half = 1.959963984540054 * values.std(ddof=1) / math.sqrt(10)
+    half = 2.2621571627409915 * values.std(ddof=1) / math.sqrt(10)  # Student's t(0.975, 9), not z = 1.96
     assert continuous["ci95"] == pytest.approx([4.5 - half, 4.5 + half])
+    three = interval(np.array([1.0, 2.0, 4.0]))  # three seeds: t(0.975, 2) = 4.303, the z interval's 2.2 times
+    assert three["ci95"][1] - three["mean"] == pytest.approx(
+        4.302652729911275 * np.std([1, 2, 4], ddof=1) / math.sqrt(3)
+    )
     assert interval(np.array([math.nan]))["n"] == 0
 
 

@@ -22,7 +22,7 @@ FILL = "reward._target_=tests.fixtures.bad_rewards.FillDiskOnCall"
     "signum, code, words",
     [
         (signal.SIGTERM, 143, "terminated (SIGTERM) while waiting for the reward"),
-        (signal.SIGINT, 130, "interrupted during epoch 1"),
+        (signal.SIGINT, 130, "interrupted during epoch 2"),  # the second epoch (counted from 1)
     ],
 )
 def test_a_signal_stops_a_run_whose_reward_never_returns(tmp_path, signum, code, words):
@@ -81,7 +81,7 @@ def test_a_full_disk_while_appending_metrics_is_one_line_and_resumes(small_disk)
     result = run_cli(run_dir, [*TINY, FILL, "+reward.fill_on_call=2", f"+reward.path={small_disk}", pad])
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the disk is full: the record of epoch 1") and "metrics.jsonl" in last, last
+    assert last.startswith("error: the disk is full: the record of epoch 2") and "metrics.jsonl" in last, last
     assert [r["epoch"] for r in read_metrics(run_dir)] == [0]
     (small_disk / "filler").unlink()
     resumed = run_cli(run_dir, [*TINY, FILL, "+reward.fill_on_call=-1", f"+reward.path={small_disk}", pad,

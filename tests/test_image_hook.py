@@ -111,3 +111,56 @@ def test_hook_receives_documented_layout(tmp_path, monkeypatch):
         assert sum(all_rewards) / len(all_rewards) == pytest.approx(record["reward_mean"], rel=1e-5)
         # the user's hook runs on exactly this data (numpy conversion of float32 works)
         hooks.image_outputs_hook(image_data, global_step, tracker)
+
+
+def test_images_every_and_the_last_epoch_only(tmp_path):
+    """logger.images_every=2 over 3 epochs: grids after epochs 0 and 2 (the last), none after epoch 1."""
+    run_dir = tmp_path / "run"
+    run_in_process(run_dir, [*TINY, "num_epochs=3", "logger.images_every=2"])
+    steps = [r["global_step"] for r in read_metrics(run_dir)]
+    written = sorted(os.path.basename(p) for p in glob.glob(str(run_dir / "images" / "*.png")))
+    assert written == [f"step_{steps[0]:06d}.png", f"step_{steps[2]:06d}.png"]
+    none_dir = tmp_path / "never"
+    run_in_process(none_dir, [*TINY, "num_epochs=2", "logger.images_every=0"])
+    assert not glob.glob(str(none_dir / "images" / "*.png"))
+
+
+def test_max_images_caps_the_grid(tmp_path):
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    run_in_process(run_dir, [*ONE_EPOCH, "logger.max_images=1"])  # the last batch holds 2 images
+    (grid,) = glob.glob(str(run_dir / "images" / "*.png"))
+    with Image.open(grid) as image:
+        assert image.width == 256  # one 256 px tile per row
+
+
+@pytest.mark.parametrize("overrides", [["logger.images_every=-1"], ["logger.max_images=0"], ["logger.images_every=x"]])
+def test_bad_image_settings_are_one_line(tmp_path, overrides):
+    from ddpo.config import build
+    from ddpo.errors import ConfigError
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError) as raised:
+        build(compose([*ONE_EPOCH, *overrides]), str(tmp_path / "run"))
+    message = str(raised.value)
+    assert "\n" not in message and "logger." in message, message
+
+
+def test_captions_wrap_instead_of_being_cut():
+    """Two prompts that share their first 25 characters stay distinguishable: whole words, wrapped."""
+    from ddpo.logging import image_grid, wrap_caption
+
+    first, second = (
+        "00: three red squares above a blue circle | 0.50",
+        "01: three red squares above a green star | 0.70",
+    )
+    assert first[4:29] == second[4:29]  # what the old hook's {prompt:.25} kept of the two prompts
+    lines = wrap_caption(first, 21)
+    assert " ".join(lines) == first and all(len(line) <= 21 for line in lines)
+    long = wrap_caption("word " * 100, 20)
+    assert len(long) == 4 and long[-1].endswith("...")
+    tiles = [torch.zeros(3, 8, 8), torch.ones(3, 8, 8)]
+    short_grid = image_grid(tiles, ["a", "b"], tile=128)
+    long_grid = image_grid(tiles, [first, second], tile=128)  # 21 characters a line: three lines each
+    assert long_grid.height > short_grid.height and long_grid.width == short_grid.width == 256

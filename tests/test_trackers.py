@@ -189,3 +189,19 @@ def test_new_algorithm_metrics_reach_the_tracker(tmp_path):
     steps = [r["global_step"] for r in read_metrics(run_dir)]
     for tag in ("kl_ref", "reward_mean", "approx_kl"):
         assert [event.step for event in accumulator.Scalars(tag)] == steps, tag
+
+
+def test_each_evaluation_reaches_tensorboard_once(tmp_path):
+    """eval.every=1 over 2 epochs: every eval_* scalar at steps [0, after epoch 1, after epoch 2], once each
+    (the last evaluation was logged twice at the last step: from the evaluation and from the epoch's record)."""
+    run_dir = tmp_path / "run"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    overrides = [*TINY, "logger=tensorboard", "num_epochs=2", "eval.every=1", "eval.seeds=1", "eval.batch_size=2"]
+    run_in_process(run_dir, [*overrides, "prompt=from_file", f"prompt.path={prompts}"])
+    steps = [r["global_step"] for r in read_metrics(run_dir)]
+    accumulator = event_accumulator(run_dir)
+    eval_tags = [t for t in accumulator.Tags()["scalars"] if t.startswith("eval_")]
+    assert "eval_reward_mean" in eval_tags
+    for tag in eval_tags:
+        assert [event.step for event in accumulator.Scalars(tag)] == [0, *steps], tag

@@ -63,13 +63,19 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def draw_noise(shape, generator, device, dtype) -> torch.Tensor:
-    """Standard normal noise of ``shape`` from one generator, or from one generator per row."""
+    """Standard normal noise of ``shape`` from one generator, or from one generator per row.
+
+    diffusers' ``randn_tensor`` (drawn on the generators' device, then moved), with the check that a
+    list holds one generator per row: randn_tensor would silently draw a shorter batch."""
+    from diffusers.utils.torch_utils import randn_tensor
+
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack([draw_noise(shape[1:], g, device, dtype) for g in generator])
-    noise_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=noise_device, dtype=dtype).to(device)
+        generator = list(generator)
+        if len(generator) == 1:  # randn_tensor takes a one-item list as the single generator: the same draw
+            generator = generator[0]
+    return randn_tensor(tuple(shape), generator=generator, device=torch.device(device), dtype=dtype)
 
 
 def ddim_step_with_logprob(

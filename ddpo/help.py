@@ -114,8 +114,11 @@ def help_text(config_dir: str, command: str = "python train.py", width: int = 11
 
 
 def print_help_if_asked(argv: list[str], config_dir: str, command: str) -> bool:
-    """Print the help and return True when ``argv`` asks for it (``--help`` or ``-h``; not ``--hydra-help``)."""
-    if "--help" in argv or "-h" in argv:
+    """Print the help and return True when ``argv`` is only a request for it (``--help`` or ``-h``).
+
+    With overrides beside it, Hydra answers (it composes them first, so a misspelt option is still an
+    error); ``--hydra-help`` is always Hydra's."""
+    if argv and all(a in ("--help", "-h") for a in argv):
         print(help_text(config_dir, command))
         return True
     return False

@@ -90,6 +90,6 @@ def startup_lines(cfg: DictConfig, run, comps) -> list[str]:
         f"{type(module).__name__} ({100 * trainable / max(total, 1):.2f}%), {weights}",
         f"device     {accelerator.device} x {accelerator.num_processes} process(es), {dtype} "
         f"(mixed_precision={precision})",
-        f"batches    {comps.plan.summary(run)}",
+        f"batches    {comps.plan.summary(run)}; {comps.algorithm.describe(comps.plan.samples_per_epoch)}",
         f"run dir    {comps.run_dir}",
     ]

@@ -715,7 +715,6 @@ def train(comps: Components, run) -> float | None:
         metrics, evals = start_logs(comps, state)
         log_startup_summary(comps, run, state)
         comps.progress = RunProgress(run.num_epochs, state.epochs_completed, accelerator.is_main_process)
-        log.info("%s; %s", comps.plan.summary(run), comps.algorithm.describe(comps.plan.samples_per_epoch))
         if comps.evaluator is not None and comps.evaluator.due(state.epochs_completed, run.num_epochs):
             run_evaluation(comps, evals, state)  # the policy the first epoch starts from (the base model on a new run)
         last_reward, epoch = None, state.epochs_completed

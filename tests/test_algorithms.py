@@ -114,6 +114,7 @@ def test_kl_to_the_reference_is_zero_before_training(tmp_path, use_lora):
     assert moved["kl_ref"].item() > 1e-6
 
 
+@pytest.mark.slow  # CI's budget (30 s); the KL's closed form and its gradient are tested fast
 def test_a_large_kl_coef_keeps_the_policy_near_the_reference(tmp_path):
     """KL per element is about (mean shift / std)^2 / 2, while the policy gradient scales with 1 / std:
     at a mean shift of 0.1 std the KL gradient is ~10x weaker than the advantage's, so "large" is ~100."""

@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from tests.conftest import TINY, run_cli
 
 
@@ -113,7 +115,14 @@ def test_the_start_up_summary_names_every_item(tmp_path):
     assert "cpu x 1 process(es)" in summary["device"] and "float32" in summary["device"]
     assert "world size 1" in summary["batches"]
     assert str(run_dir) in summary["run"] and "new run: 1 epochs to train" in summary["resume"]
-    result = run_cli(run_dir, [*overrides, "num_epochs=2"])  # one more epoch: it resumes
+    assert "2 prompts x 2 samples (GRPO groups)" in summary["batches"]
+
+
+@pytest.mark.slow  # CI's budget: two more runs
+def test_the_start_up_summary_says_when_a_run_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, [*TINY, "num_epochs=1"]).returncode == 0
+    result = run_cli(run_dir, [*TINY, "num_epochs=2"])  # one more epoch: it resumes
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resume     resumed: 1 of 2 epochs done" in (run_dir / "train.log").read_text()
 

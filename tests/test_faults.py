@@ -215,7 +215,10 @@ def test_diverging_training_stops_before_saving_nan_weights(tmp_path):
 
 @pytest.mark.parametrize(
     "signum, code, words",
-    [(signal.SIGINT, 130, "interrupted during epoch"), (signal.SIGTERM, 143, "terminated (SIGTERM) during epoch")],
+    [
+        pytest.param(signal.SIGINT, 130, "interrupted during epoch", marks=pytest.mark.slow),  # CI's budget
+        (signal.SIGTERM, 143, "terminated (SIGTERM) during epoch"),
+    ],
 )
 def test_ctrl_c_and_sigterm_end_in_one_line_and_resume(tmp_path, signum, code, words):
     run_dir = tmp_path / "run"

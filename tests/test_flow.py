@@ -351,6 +351,7 @@ def test_sd3_arch_is_sd35_medium_sized():
     assert 70e6 < sum(p.numel() for p in vae.parameters()) < 90e6
 
 
+@pytest.mark.slow  # CI's budget: the DDIM family's sample.py test stays in the fast suite
 def test_sample_script_samples_a_flow_run(tmp_path):
     """scripts/sample.py rebuilds the tiny SD3 base from the run's config and applies its LoRA."""
     from tests.test_sample_script import sample

@@ -69,9 +69,9 @@ ONE_PROCESS_ONLY = {
 }  # what one process needs besides
 
 
-# draft's two runs are marked slow to keep the fast suite inside CI's budget (run with -m slow)
+# only ddpo's two runs are in the fast suite, to keep it inside CI's budget; grpo, nft and draft run with -m slow
 @pytest.fixture(
-    scope="module", params=[pytest.param(k, marks=pytest.mark.slow) if k == "draft" else k for k in ALGORITHMS]
+    scope="module", params=[k if k == "ddpo" else pytest.param(k, marks=pytest.mark.slow) for k in ALGORITHMS]
 )
 def algorithm(request):
     return ALGORITHMS[request.param]

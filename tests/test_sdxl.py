@@ -172,6 +172,7 @@ def test_sdxl_reference_policy_is_the_base_model(tmp_path):
     assert (trained - reference).abs().max().item() > 1e-4
 
 
+@pytest.mark.slow  # CI's budget: the DDIM family's sample.py test stays in the fast suite
 def test_sample_script_samples_an_sdxl_run(tmp_path):
     """scripts/sample.py rebuilds the tiny SDXL base from the run's config and applies its LoRA."""
     from tests.test_sample_script import sample

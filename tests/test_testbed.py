@@ -11,7 +11,7 @@ import pytest
 
 from ddpo import shapes
 from ddpo.models.loading import tiny_shapes_dir
-from tests.conftest import load_script, run_cli, run_evaluate
+from tests.conftest import compose, load_script, run_cli, run_evaluate
 
 SHIPPED = tiny_shapes_dir("tiny_testbed")
 needs_model = pytest.mark.skipif(
@@ -133,3 +133,12 @@ def test_testbed_eval_every_logs_what_evaluate_reports(tmp_path):
             assert value == pytest.approx(logged[key], rel=1e-6, abs=1e-9), (label, key)
     rows = (out / "samples_trained.csv").read_text().splitlines()
     assert len(rows) == 1 + 16 * 2
+
+
+def test_the_draft_testbed_evaluates_the_exact_checker_beside_its_proxy():
+    """experiment=testbed_draft trains on the proxy; its held-out evaluation must still score the exact checker
+    (before, the proxy replaced the checker as the training reward and the checker left the evaluation)."""
+    cfg = compose(["experiment=testbed_draft"])
+    assert cfg.reward._target_.endswith("ShapeProxy")
+    assert cfg.eval.rewards.shape_alignment._target_.endswith("ShapeAlignment")
+    assert cfg.eval.rewards.shape_proxy._target_.endswith("ShapeProxy")

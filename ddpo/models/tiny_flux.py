@@ -39,9 +39,24 @@ def flux_config(name: str) -> dict:
     return json.loads(folder.joinpath(f"{name}.json").read_text())
 
 
+def _flux_pipeline(transformer, vae, text_encoder, text_encoder_2):
+    """A ``FluxPipeline`` of built modules (eval mode), CLIP tokenizers for both encoders, FLUX.1-dev's scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return FluxPipeline(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=build_clip_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(flux_config("scheduler")),
+    )
+
+
 def build_tiny_flux_pipeline(seed: int = 0, resolution: int = 64, text_dim: int = 32, guidance: bool = True):
     """Return a ``FluxPipeline`` of tiny random modules (deterministic in ``seed``)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     latent_size(resolution)  # checks the resolution (a multiple of 8: latents / 4, packed by 2)
@@ -65,16 +80,7 @@ def build_tiny_flux_pipeline(seed: int = 0, resolution: int = 64, text_dim: int 
         t5_config = T5Config(vocab_size=49408, d_model=t5_dim, d_kv=16, d_ff=2 * t5_dim, num_layers=2, num_heads=4)
         return transformer, vae, text_encoder, T5EncoderModel(t5_config)
 
-    transformer, vae, text_encoder, text_encoder_2 = seeded_init(seed, build)
-    return FluxPipeline(
-        transformer=transformer.eval(),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer=build_clip_tokenizer(),
-        tokenizer_2=build_clip_tokenizer(),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(flux_config("scheduler")),
-    )
+    return _flux_pipeline(*seeded_init(seed, build))
 
 
 def build_flux_architecture(
@@ -88,7 +94,7 @@ def build_flux_architecture(
     width: the full 12B transformer needs about 24 GB in bf16 and 48 GB in float32, more than a laptop
     holds, and its time and memory grow block by block.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     from ddpo.errors import ConfigError
@@ -112,13 +118,4 @@ def build_flux_architecture(
         )
         return transformer, vae, clip, T5EncoderModel(t5)
 
-    transformer, vae, text_encoder, text_encoder_2 = seeded_init(seed, build)
-    return FluxPipeline(
-        transformer=transformer.eval(),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer=build_clip_tokenizer(),
-        tokenizer_2=build_clip_tokenizer(),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(flux_config("scheduler")),
-    )
+    return _flux_pipeline(*seeded_init(seed, build))

@@ -36,22 +36,10 @@ import torch
 from ddpo.errors import ConfigError
 from ddpo.pipelines.flow import FlowMatchingDDPOPipeline, _Schedule
 
-# The attention projections of FLUX's double-stream blocks (image: to_q/k/v, to_out.0; text: add_*_proj,
-# to_add_out) and of its single-stream blocks (their attn.to_q/k/v), the targets diffusers'
-# train_dreambooth_lora_flux.py adapts by default for attention ("attn.to_k", "attn.to_q", "attn.to_v",
-# "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out") and
-# the same set Flow-GRPO's SD3 recipe adapts on the MMDiT.
-LORA_TARGET_MODULES = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-]
-
+# LoRA: the flow family's targets (ddpo/pipelines/flow.py), which in FLUX are the attention projections of
+# the double-stream blocks (image: to_q/k/v, to_out.0; text: add_*_proj, to_add_out) and of the
+# single-stream blocks (their attn.to_q/k/v): the set diffusers' train_dreambooth_lora_flux.py adapts by
+# default for attention.
 PACK = 2  # FLUX packs 2x2 latent patches into one token
 
 
@@ -62,7 +50,6 @@ class FluxDDPOPipeline(FlowMatchingDDPOPipeline):
     option = "flux"
     trained_folder, trained_class = "transformer", "FluxTransformer2DModel"
     CONDITIONING_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
-    lora_targets = LORA_TARGET_MODULES
 
     def __init__(
         self,

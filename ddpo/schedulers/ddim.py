@@ -7,6 +7,7 @@ computes the log probability while sampling and again, with gradients, while tra
 import math
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor  # per denoising step: imported once, not per call
 
 from ddpo.errors import ConfigError
 
@@ -67,8 +68,6 @@ def draw_noise(shape, generator, device, dtype) -> torch.Tensor:
 
     diffusers' ``randn_tensor`` (drawn on the generators' device, then moved), with the check that a
     list holds one generator per row: randn_tensor would silently draw a shorter batch."""
-    from diffusers.utils.torch_utils import randn_tensor
-
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")

@@ -299,6 +299,8 @@ def test_the_hacking_preset_trains_on_the_proxy_and_evaluates_proxy_checker_and_
 
     cfg = compose(["experiment=tiny_shapes_hacking"])
     assert cfg.algorithm._target_ == "ddpo.algorithms.DRaFT" and cfg.algorithm.grad_steps == 1
+    assert cfg.model._target_ == "ddpo.models.tiny_testbed_model"  # the world where the policy moves
+    assert compose(["experiment=tiny_shapes_hacking_hard"]).model._target_ == "ddpo.models.tiny_shapes_model"
     assert cfg.reward._target_ == "ddpo.rewards.shapes.ShapeProxy" and cfg.eval.prompt.split == "heldout"
     assert set(cfg.eval.rewards) == {"shape_proxy", "shape_alignment"}
     small = [

@@ -83,10 +83,17 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+TOOLS = ("sample", "evaluate", "export", "plot_runs")  # scripts/<name>.py runs ddpo/tools/<name>.py
+
+
 def load_script(name: str):
-    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    """``scripts/<name>.py`` as a module: for the tools, the module in the package whose ``main`` it runs
+    (so that a test's monkeypatch reaches the code); the other scripts are loaded from their file."""
+    import importlib
     import importlib.util
 
+    if name in TOOLS:
+        return importlib.import_module(f"ddpo.tools.{name}")
     spec = importlib.util.spec_from_file_location(f"ddpo_{name}_script", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

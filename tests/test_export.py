@@ -39,7 +39,7 @@ def lora_run(tmp_path_factory):
 
 def test_the_folder_loads_with_load_lora_weights_and_changes_the_model(lora_run, tmp_path):
     out = tmp_path / "export"
-    export.main([str(lora_run), "--out", str(out), "--prompts", "a cat", "--seeds", "0", "1"])
+    export.main([str(lora_run), "--out", str(out), "--prompts", "a cat", "--seeds", "2"])
 
     assert sorted(p.name for p in out.iterdir()) == ["README.md", LORA_FILE, "reward_curve.png", "samples.png"]
     assert (out / LORA_FILE).read_bytes() == (lora_run / "final" / LORA_FILE).read_bytes()
@@ -99,7 +99,7 @@ def test_a_full_fine_tuning_export_loads_with_from_pretrained(lora_run, tmp_path
         unet.conv_out.bias.add_(0.5)  # a "trained" UNet that differs from the base
     unet.save_pretrained(run / "final" / "unet")
     out = tmp_path / "export"
-    export.main([str(run), "--out", str(out), "--prompts", "a cat", "--seeds", "0"])
+    export.main([str(run), "--out", str(out), "--prompts", "a cat", "--seed-list", "0"])
 
     loaded = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
     torch.testing.assert_close(unet_output(loaded), unet_output(unet), rtol=0, atol=0)
@@ -145,7 +145,7 @@ def test_a_flow_lora_export_loads_into_stable_diffusion_3_and_samples_with_the_o
 
     monkeypatch.setattr(StableDiffusion3Pipeline, "__call__", spy)
     out = tmp_path / "export"
-    export.main([str(flow_lora_run), "--out", str(out), "--prompts", "a cat", "--seeds", "0", "1"])
+    export.main([str(flow_lora_run), "--out", str(out), "--prompts", "a cat", "--seeds", "2"])
 
     assert sorted(p.name for p in out.iterdir()) == ["README.md", LORA_FILE, "reward_curve.png", "samples.png"]
     assert (out / LORA_FILE).read_bytes() == (flow_lora_run / "final" / LORA_FILE).read_bytes()
@@ -305,3 +305,126 @@ def test_the_card_evaluation_table_starts_with_the_base_models_evaluation(tmp_pa
     assert row.split(" | ")[1].startswith(export.number(base)) and row.split(" | ")[2].startswith(
         export.number(trained)
     )
+
+
+# -- the card's Hub metadata, versions, command, config and citation ---------------------------------
+def front_matter(card_path) -> tuple[dict, str]:
+    """The card's YAML front matter, parsed as the Hub parses it, and the Markdown after it."""
+    import yaml
+
+    text = card_path.read_text()
+    assert text.startswith("---\n"), text[:200]
+    head, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
+
+
+def test_the_card_has_the_hubs_metadata_versions_command_config_and_citation(lora_run, tmp_path):
+    import importlib.metadata
+
+    import yaml
+
+    import ddpo
+
+    out = tmp_path / "export"
+    export.main([str(lora_run), "--out", str(out), "--no-sample"])
+    meta, body = front_matter(out / "README.md")
+
+    assert meta["license"] == "apache-2.0"  # the tiny model is this project's own: no other model's license
+    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "text-to-image"
+    assert {"diffusers", "lora", "text-to-image", "ddpo", "reinforcement-learning"} <= set(meta["tags"])
+    assert "base_model" not in meta  # built locally: no Hub id to name
+    assert "## Versions" in body and f"| ddpo-diffusion | {ddpo.__version__} |" in body
+    for library in ("torch", "diffusers", "transformers", "peft"):
+        assert f"| {library} | {importlib.metadata.version(library)} |" in body, library
+    overrides = yaml.safe_load((lora_run / ".hydra" / "overrides.yaml").read_text())
+    command = " ".join(["python train.py", *(o for o in overrides if not o.startswith("hydra."))])
+    assert f"```bash\n{command}\n```" in body
+    config = body.split("<summary>", 1)[1].split("```yaml\n", 1)[1].split("\n```", 1)[0]
+    assert yaml.safe_load(config) == yaml.safe_load((lora_run / ".hydra" / "config.yaml").read_text())
+    assert "</details>" in body.split("```yaml", 1)[1]  # collapsed on the Hub
+    assert "@software{ddpo_diffusion" in body and f"version = {{{ddpo.__version__}}}" in body
+    assert "Training Diffusion Models with Reinforcement Learning" in body and "2305.13301" in body
+
+
+def shipped_hub_models() -> list[str]:
+    """The conf/model presets that name a Hub model."""
+    from omegaconf import OmegaConf
+
+    return sorted(
+        p.stem for p in (ROOT / "conf" / "model").glob("*.yaml") if export.hub_id(OmegaConf.load(p).get("path"))
+    )
+
+
+@pytest.mark.parametrize("name", shipped_hub_models())
+def test_every_shipped_hub_model_gives_the_card_its_license(name, tmp_path):
+    """license (and license_name / license_link for the "other" ones, as the Hub names them), base_model and
+    how the weights relate to it, for each Hub model a preset names; the run is made by hand (no training)."""
+    from omegaconf import OmegaConf
+
+    from tests.test_export_safety import make_run
+
+    run = make_run(tmp_path, lora=True)
+    config = run / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(config)
+    cfg.model = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+    OmegaConf.save(cfg, config)
+    export.main([str(run), "--out", str(tmp_path / "export"), "--no-sample"])
+    meta, body = front_matter(tmp_path / "export" / "README.md")
+
+    hub = cfg.model.path
+    expected = {
+        "stable-diffusion-v1-5/stable-diffusion-v1-5": ("creativeml-openrail-m", None),
+        "CompVis/stable-diffusion-v1-4": ("creativeml-openrail-m", None),
+        "stabilityai/stable-diffusion-2-1": ("openrail++", None),
+        "stabilityai/stable-diffusion-xl-base-1.0": ("openrail++", None),
+        "stabilityai/stable-diffusion-3.5-medium": ("other", "stabilityai-ai-community"),
+        "black-forest-labs/FLUX.1-dev": ("other", "flux-1-dev-non-commercial-license"),
+        "black-forest-labs/FLUX.1-schnell": ("apache-2.0", None),
+    }[hub]
+    assert (meta["license"], meta.get("license_name")) == expected
+    assert ("license_link" in meta) == (expected[0] == "other")
+    if "license_link" in meta:
+        assert meta["license_link"].startswith(f"https://huggingface.co/{hub}/")
+    assert meta["base_model"] == hub and meta["base_model_relation"] == "adapter"
+    assert f"| base model `{hub}` | `{cfg.model.get('revision') or 'main'}`" in body
+
+
+def test_the_card_hides_request_headers(tmp_path):
+    """reward.headers may carry a token (conf/reward/remote.yaml): the card's command and config hide the values."""
+    from omegaconf import OmegaConf
+
+    from tests.test_export_safety import make_run
+
+    secret = "Bearer not-for-the-hub"
+    run = make_run(tmp_path, lora=True)
+    config = run / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(config)
+    cfg.eval.rewards = {
+        "remote": {"_target_": "ddpo.rewards.remote.RemoteReward", "headers": {"Authorization": secret}}
+    }
+    OmegaConf.save(cfg, config)
+    (run / ".hydra" / "overrides.yaml").write_text(
+        f"- model=tiny\n- '+eval.rewards.remote.headers.Authorization={secret}'\n"
+    )
+    export.main([str(run), "--out", str(tmp_path / "export"), "--no-sample"])
+    text = (tmp_path / "export" / "README.md").read_text()
+    assert secret not in text and "not-for-the-hub" not in text
+    assert "Authorization: <redacted>" in text and "+eval.rewards.remote.headers.Authorization=<redacted>" in text
+
+
+def test_the_citation_is_citation_cff():
+    """The card cites ddpo.citation (a wheel has no CITATION.cff): it must say what CITATION.cff says."""
+    import yaml
+
+    import ddpo
+    from ddpo.citation import PAPER, SOFTWARE
+
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["title"] == SOFTWARE["title"] and cff["license"] == SOFTWARE["license"]
+    assert str(cff["version"]) == SOFTWARE["version"] == ddpo.__version__
+    assert [a["name"] for a in cff["authors"]] == SOFTWARE["authors"]
+    (paper,) = cff["references"]
+    assert paper["title"] == PAPER["title"] and paper["year"] == PAPER["year"] and paper["url"] == PAPER["url"]
+    assert [(a["family-names"], a["given-names"]) for a in paper["authors"]] == PAPER["authors"]
+    assert paper["collection-title"] == PAPER["booktitle"]
+    assert paper["identifiers"][0]["value"] == f"arXiv:{PAPER['arxiv']}"

@@ -232,9 +232,9 @@ def test_out_a_link_or_under_a_file_is_one_line(full_run, tmp_path, no_sampling)
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["--seeds", "-1"], ["--seeds -1", "2**63"]),
-        (["--seeds", str(2**64)], [str(2**64), "2**63"]),
-        (["--seeds", "0", str(2**63)], [str(2**63)]),
+        (["--seed-list", "-1"], ["--seed-list -1", "2**63"]),
+        (["--seed-list", str(2**64)], [str(2**64), "2**63"]),
+        (["--seed-list", "0", str(2**63)], [str(2**63)]),
         (["--device", "bogus"], ["--device bogus"]),
         (["--device", "cuda:99"], ["--device cuda:99"]),
     ],
@@ -254,7 +254,7 @@ def test_a_run_resolution_out_of_range_is_one_line_before_the_model_is_built(tmp
     cfg = OmegaConf.load(config)
     cfg.model.resolution = resolution
     OmegaConf.save(cfg, config)
-    message = export_error(run, "--out", tmp_path / "export", "--prompts", "a cat", "--seeds", "0")
+    message = export_error(run, "--out", tmp_path / "export", "--prompts", "a cat", "--seeds", "1")
     assert "model.resolution" in message and "--no-sample" in message, message
 
 

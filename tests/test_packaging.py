@@ -16,6 +16,16 @@ from tests.conftest import ROOT
 SOURCES = ["ddpo", "rewards", "conf", "hydra_plugins", "pyproject.toml", "setup.py", "README.md", "LICENSE"]
 
 
+# the console scripts: train.py and each file of scripts/ that a clone runs (the others are the clone's own)
+COMMANDS = {
+    "ddpo-train": "ddpo.cli:train",
+    "ddpo-sample": "ddpo.tools.sample:main",
+    "ddpo-evaluate": "ddpo.tools.evaluate:main",
+    "ddpo-export": "ddpo.tools.export:cli",
+    "ddpo-plot": "ddpo.tools.plot_runs:main",
+}
+
+
 def repo_files(folder: str, pattern: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob(pattern) if p.is_file())
 
@@ -82,7 +92,9 @@ def test_the_wheel_metadata_matches_the_tested_pins(wheel):
     info = f"ddpo_diffusion-{ddpo.__version__}.dist-info"
     assert "ddpo/py.typed" in archive.namelist()
     entry_points = archive.read(f"{info}/entry_points.txt").decode()
-    assert "[console_scripts]" in entry_points and "ddpo-train = ddpo.cli:train" in entry_points
+    assert "[console_scripts]" in entry_points
+    for command, target in COMMANDS.items():
+        assert f"{command} = {target}" in entry_points, command
     assert f"{info}/licenses/LICENSE" in archive.namelist()
 
     metadata = archive.read(f"{info}/METADATA").decode()
@@ -207,3 +219,41 @@ def test_an_installed_copy_lives_beside_another_top_level_rewards_package(wheel,
     whose, jpeg_file, target = output([sys.executable, "-c", probe], elsewhere, env).splitlines()
     assert whose == "the other rewards package"
     assert jpeg_file.startswith(str(site / "ddpo" / "rewards")) and target == "JpegCompressibility"
+
+
+def test_the_tools_run_from_an_installed_copy(wheel, tmp_path):
+    """Every ddpo-* command of the wheel is installed and runs its module; evaluate composes a base model's
+    config from the configs shipped in the package, as it does from conf/ in a clone."""
+    env = installed_copy(wheel, tmp_path)
+    site = tmp_path / "site"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = (
+        "import importlib.metadata as m; "
+        "eps = {e.name: e for e in m.entry_points(group='console_scripts') if e.name.startswith('ddpo-')}; "
+        "print(sorted(eps)); [e.load() for e in eps.values()]; "
+        "print(m.entry_points(group='console_scripts', name='ddpo-sample')[0].load().__module__)"
+    )
+    names, module = output([sys.executable, "-c", probe], elsewhere, env).splitlines()
+    assert names == str(sorted(COMMANDS)) and module == "ddpo.tools.sample"
+    for command in COMMANDS:
+        if command != "ddpo-train":  # (its --help is test_ddpo_train_from_an_installed_copy_is_train_py's)
+            assert (site / "bin" / command).is_file(), command
+            help_text = output([str(site / "bin" / command), "--help"], elsewhere, env)
+            assert help_text.startswith(f"usage: {command} "), help_text[:300]
+    compose = (
+        "from ddpo.tools.evaluate import compose; cfg, reward = compose(['experiment=tiny_shapes_alignment']); "
+        "print(reward, cfg.model._target_)"
+    )
+    assert output([sys.executable, "-c", compose], elsewhere, env).split() == [
+        "shape_alignment",
+        "ddpo.models.tiny_shapes_model",
+    ]
+    seeds = subprocess.run(
+        [str(site / "bin" / "ddpo-sample"), "run", "--seeds", "0", "1"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert seeds.returncode == 1 and seeds.stderr.strip().endswith("--seed-list 0 1"), seeds.stderr

@@ -51,9 +51,9 @@ def with_settings(run, tmp_path, **settings):
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["--seeds", "-1"], ["--seeds -1", "2**63"]),
-        (["--seeds", "0", str(2**63)], [str(2**63)]),
-        (["--seeds", str(2**64)], [str(2**64)]),
+        (["--seed-list", "-1"], ["--seed-list -1", "2**63"]),
+        (["--seed-list", "0", str(2**63)], [str(2**63)]),
+        (["--seed-list", str(2**64)], [str(2**64)]),
         (["--device", "bogus"], ["--device bogus"]),
         (["--device", "cuda:99"], ["--device cuda:99"]),
         (["--out", "{tmp}"], ["is a directory"]),
@@ -92,7 +92,7 @@ def test_arguments_are_one_line_before_the_model_is_built(lora_run, tmp_path, no
 )
 def test_run_settings_are_one_line_before_the_model_is_built(lora_run, tmp_path, no_model, settings, words):
     run = with_settings(lora_run, tmp_path, **settings)
-    message = sample_error(run, "--prompts", "a cat", "--seeds", "0", "--out", tmp_path / "grid.png")
+    message = sample_error(run, "--prompts", "a cat", "--seeds", "1", "--out", tmp_path / "grid.png")
     for word in words:
         assert word in message, message
     assert not (tmp_path / "grid.png").exists()
@@ -113,7 +113,7 @@ def test_a_loader_or_model_that_refuses_is_one_line(lora_run, tmp_path, settings
     run = with_settings(lora_run, tmp_path, **settings)
     (tmp_path / "not_a_model").mkdir()
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    message = sample_error(run, "--prompts", "a cat", "--seeds", "0", "--out", tmp_path / "grid.png", *argv)
+    message = sample_error(run, "--prompts", "a cat", "--seeds", "1", "--out", tmp_path / "grid.png", *argv)
     for word in words:
         assert word in message, message
 
@@ -121,7 +121,7 @@ def test_a_loader_or_model_that_refuses_is_one_line(lora_run, tmp_path, settings
 def test_damaged_trained_weights_are_one_line(lora_run, tmp_path):
     run = with_settings(lora_run, tmp_path)
     (run / "final" / "pytorch_lora_weights.safetensors").write_bytes(b"not weights" * 10)
-    message = sample_error(run, "--prompts", "a cat", "--seeds", "0", "--out", tmp_path / "grid.png")
+    message = sample_error(run, "--prompts", "a cat", "--seeds", "1", "--out", tmp_path / "grid.png")
     assert "cannot load the trained weights" in message and "final" in message
 
 
@@ -141,7 +141,7 @@ def limited_memory():
     "settings, argv",
     [
         ({"model.resolution": 100000}, []),
-        ({}, ["--seeds", str(2**64)]),
+        ({}, ["--seed-list", str(2**64)]),
         ({}, ["--seeds", "abc"]),
         ({}, ["--model-path", "{tmp}/not_a_model"]),
     ],

@@ -47,7 +47,7 @@ def test_missing_or_wrong_directory_is_one_line(tmp_path):
 def test_a_checkpoint_directory_samples_its_weights(lora_run):
     checkpoint = lora_run / "checkpoints" / "checkpoint_00001"
     out = lora_run / "from_checkpoint.png"
-    result = sample(checkpoint, "--prompts", "a cat", "--seeds", "0", "1", "--baseline", "--out", out)
+    result = sample(checkpoint, "--prompts", "a cat", "--seed-list", "0", "1", "--baseline", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.is_file() and f"LoRA from {checkpoint}" in result.stdout
 

@@ -15,20 +15,17 @@ Any failure ends the run with one line (``RemoteRewardError``) naming the URL.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import functools
-import http.client
 import io
 import ipaddress
 import json
 import math
 import os
-import socket
 import threading
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
@@ -198,84 +195,71 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class _Try:
-    """One try of one request: when it must have ended, and the sockets it opened (to cut them on ``close``)."""
-
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-        self.sockets: list = []
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The socket as http.client reads an answer through it: every read waits at most until the deadline,
-    so a server that answers one byte at a time cannot stretch a request past ``reward.timeout``."""
-
-    def __init__(self, sock, raw, deadline: float):
-        self._sock, self._raw, self._deadline = sock, raw, deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("deadline passed")
-        self._sock.settimeout(remaining)
-        return self._raw.readinto(buffer)
-
-    def close(self):
-        self._raw.close()
-        super().close()
-
-
-class _DeadlineResponse(http.client.HTTPResponse):
-    def __init__(self, sock, *args, deadline: float, **kwargs):
-        super().__init__(sock, *args, **kwargs)
-        self.fp = io.BufferedReader(_DeadlineReader(sock, self.fp.detach(), deadline))
+def _run_abandonable(coroutine_fn, running: set, lock: threading.Lock, closed: threading.Event):
+    """Run ``coroutine_fn()`` to its end on an event loop of its own; ``close()`` of the reward cancels it
+    from any thread (the task is in ``running`` while it runs). In a thread that already runs an event
+    loop (a notebook), the loop gets a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="remote-reward") as pool:
+            return pool.submit(_run_abandonable, coroutine_fn, running, lock, closed).result()
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(coroutine_fn())
+        entry = (loop, task)
+        with lock:
+            running.add(entry)
+        if closed.is_set():
+            task.cancel()
+        try:
+            return loop.run_until_complete(task)
+        finally:
+            with lock:
+                running.discard(entry)
+    finally:
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())  # a response's reader cut off by a cancel
+        finally:
+            loop.close()
 
 
-class _DeadlineConnection:
-    """Mixed into http.client's connections: connecting waits at most until the try's deadline (urllib
-    passes the remaining time as the timeout), sending too (``sendall`` bounds the whole body), and the
-    answer is read through a ``_DeadlineReader``."""
-
-    def __init__(self, *args, attempt: _Try, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._attempt = attempt
-        self.response_class = functools.partial(_DeadlineResponse, deadline=attempt.deadline)
-
-    def connect(self):
-        super().connect()
-        self._attempt.sockets.append(self.sock)
-        remaining = self._attempt.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("deadline passed")
-        self.sock.settimeout(remaining)  # sending the request: sendall is bounded as a whole
+def _transport_reason(error: BaseException) -> str:
+    """One line for a failed connection or answer, naming the innermost OS error when there is one (anyio
+    reports a refused connection as "All connection attempts failed", raised from the ConnectionRefusedError)."""
+    cause, seen = error, set()
+    while id(cause) not in seen and (cause.__cause__ or cause.__context__) is not None:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause is not error and cause.errno:
+        return f"{type(error).__name__}: {type(cause).__name__}: {os.strerror(cause.errno)}"
+    text = str(error)
+    return _one_line(f"{type(error).__name__}: {text}" if text else type(error).__name__)
 
 
-class _HTTPConnection(_DeadlineConnection, http.client.HTTPConnection):
-    pass
+class _TooBig(Exception):
+    """An answer of more than MAX_ANSWER_BYTES."""
 
 
-class _HTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
-    pass
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def http_open(self, req):
-        return self.do_open(functools.partial(_HTTPConnection, attempt=req.attempt), req)
-
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def https_open(self, req):
-        return self.do_open(functools.partial(_HTTPSConnection, attempt=req.attempt), req, context=self._context)
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """Every 3xx answer stays an HTTPError: reward.headers (a token) must never reach another host."""
-
-    def redirect_request(self, *args, **kwargs):
-        return None
+async def _fetch(client, url: str, data: bytes | None, headers: dict) -> tuple[int, str, Any, bytes]:
+    """(status, reason phrase, headers, body) of one request, the body read in chunks: a 2xx body of at most
+    MAX_ANSWER_BYTES (``_TooBig`` otherwise), of any other answer the first 64 KiB (only for the message)."""
+    async with client.stream("GET" if data is None else "POST", url, content=data, headers=headers) as response:
+        limit = MAX_ANSWER_BYTES if 200 <= response.status_code < 300 else 64 * 1024
+        declared = response.headers.get("Content-Length", "")
+        if limit == MAX_ANSWER_BYTES and declared.isdigit() and int(declared) > limit:
+            raise _TooBig
+        chunks, size = [], 0
+        async for chunk in response.aiter_raw():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                if limit == MAX_ANSWER_BYTES:
+                    raise _TooBig
+                break
+        return response.status_code, response.reason_phrase, response.headers, b"".join(chunks)[:limit]
 
 
 class RemoteReward(Reward):
@@ -284,10 +268,13 @@ class RemoteReward(Reward):
 
     Args:
         url: the server's base URL (``/health`` and ``/score`` are appended).
-        timeout: seconds one request may take in all (connecting, sending, and the whole answer).
+        timeout: seconds one try of a request may take in all (connecting, sending, and the whole answer).
         retries: further tries after a failed one (connection refused or reset, timeout, HTTP 408,
             429, 502, 503, 504); a malformed answer, a redirect or another HTTP error fails at once.
         backoff: seconds before the first retry, doubled before each next one.
+        deadline: seconds one request may take with all its tries and backoff (a try gets what is
+            left, if less than ``timeout``; no retry starts after it); null = no bound beyond
+            ``(retries + 1) * timeout`` plus the backoff.
         batch_size: images per request (a bigger batch is sent in chunks); null = the whole batch.
         image_encoding: ``png`` (lossless, smaller) or ``raw`` (uint8 array, no encoding cost).
         headers: extra HTTP headers of every request (they are logged with the config: no secrets).
@@ -298,6 +285,10 @@ class RemoteReward(Reward):
 
     Redirects are not followed (the headers and the token go to ``url`` only). ``close()`` abandons
     the request in flight and any retry, for a trainer that stops while a batch is being scored.
+
+    HTTP is httpx2's (the client huggingface_hub uses); its per-operation timeouts cannot bound a whole
+    answer, so each request runs as an asyncio task whose timeout (or ``close()``) cancels it. The retry
+    loop is this class's: httpx2 retries failed connections only, not a busy server's 503.
     """
 
     name = "remote"
@@ -313,6 +304,7 @@ class RemoteReward(Reward):
         headers: Mapping | None = None,
         token_env: str | None = TOKEN_ENV,
         check_health: bool = True,
+        deadline: float | None = None,
     ):
         parsed = urllib.parse.urlsplit(str(url))
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -323,6 +315,10 @@ class RemoteReward(Reward):
             raise ConfigError(f"reward.retries must be an integer >= 0, got {retries!r}")
         if not (isinstance(backoff, (int, float)) and math.isfinite(backoff) and backoff >= 0):
             raise ConfigError(f"reward.backoff must be a number of seconds >= 0, got {backoff!r}")
+        if deadline is not None and not (
+            isinstance(deadline, (int, float)) and math.isfinite(deadline) and deadline > 0
+        ):
+            raise ConfigError(f"reward.deadline must be a number of seconds > 0 or null, got {deadline!r}")
         if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
             raise ConfigError(f"reward.batch_size must be an integer >= 1 or null, got {batch_size!r}")
         if image_encoding not in IMAGE_ENCODINGS:
@@ -331,6 +327,7 @@ class RemoteReward(Reward):
         self.timeout = float(timeout)
         self.retries = retries
         self.backoff = float(backoff)
+        self.deadline = None if deadline is None else float(deadline)
         self.batch_size = batch_size
         self.image_encoding = image_encoding
         self.headers = {str(k): str(v) for k, v in (headers or {}).items()}
@@ -345,23 +342,22 @@ class RemoteReward(Reward):
                 )
             self.headers["Authorization"] = f"Bearer {token.strip()}"
         self._closed = threading.Event()
-        self._tries: set[_Try] = set()
-        self._tries_lock = threading.Lock()
+        self._running: set = set()  # (event loop, task) of each request in flight
+        self._lock = threading.Lock()
         # environment proxies (http_proxy) are for leaving the machine: never route localhost through them
-        handlers = [urllib.request.ProxyHandler({})] if is_loopback(parsed.hostname) else []
-        self._opener = urllib.request.build_opener(*handlers, _NoRedirects(), _HTTPHandler(), _HTTPSHandler())
+        self._trust_env = not is_loopback(parsed.hostname)
         self.server: dict = self.health() if check_health else {}
 
     def close(self):
-        """Abandon: the request in flight ends now (its sockets are shut) and no retry follows."""
+        """Abandon: the request in flight ends now (its task is cancelled) and no retry follows."""
         self._closed.set()
-        with self._tries_lock:
-            sockets = [sock for attempt in self._tries for sock in attempt.sockets]
-        for sock in sockets:
+        with self._lock:
+            running = list(self._running)
+        for loop, task in running:
             try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked on it
-            except OSError:
-                pass  # already closed
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # its loop has closed: that request has just ended
+                pass
 
     def health(self) -> dict:
         """The server's ``/health`` answer; RemoteRewardError if it is down or speaks another protocol."""
@@ -439,61 +435,86 @@ class RemoteReward(Reward):
     def _request(self, url: str, data: bytes | None) -> Any:
         """GET (``data`` None) or POST ``url`` with bounded retries; the parsed JSON answer.
 
-        Each try ends within ``timeout`` seconds (connect, send, whole answer), so the whole call ends
-        within ``tries * timeout`` plus the backoff, or at once after ``close()``.
+        Each try ends within ``timeout`` seconds (connect, send, whole answer) and the whole request within
+        ``deadline`` seconds when one is set (else ``tries * timeout`` plus the backoff), or at once after
+        ``close()``: the tries run as asyncio tasks, and a task's timeout or cancellation ends its request
+        wherever it waits (httpx2's own timeouts bound each socket operation only, so a server that answers
+        a byte at a time would stretch them).
         """
-        headers = {"Accept": "application/json", **self.headers}
+        try:
+            return _run_abandonable(
+                functools.partial(self._request_with_retries, url, data), self._running, self._lock, self._closed
+            )
+        except asyncio.CancelledError:
+            raise RemoteRewardError(f"reward server {url}: request abandoned (the reward was closed)") from None
+
+    async def _request_with_retries(self, url: str, data: bytes | None) -> Any:
+        import httpx2
+
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity", **self.headers}
         if data is not None:
             headers["Content-Type"] = "application/json"
         tries = self.retries + 1
-        started = time.monotonic()
-        last = ""
-        for attempt in range(tries):
-            if self._closed.wait(self.backoff * 2 ** (attempt - 1) if attempt else 0):
-                raise RemoteRewardError(f"reward server {url}: request abandoned (the reward was closed)")
-            request = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
-            request.attempt = _Try(time.monotonic() + self.timeout)
-            with self._tries_lock:
-                self._tries.add(request.attempt)
-            try:
-                with self._opener.open(request, timeout=self.timeout) as response:
-                    raw = _read_answer(response, url)
-            except urllib.error.HTTPError as error:
-                with error:
-                    if 300 <= error.code < 400:
-                        location = _one_line(error.headers.get("Location") or "nowhere")
-                        raise RemoteRewardError(
-                            f"reward server {url} redirected (HTTP {error.code}) to {location!r}; redirects are "
-                            "not followed (reward.headers go to reward.url only): set reward.url to the server itself"
-                        ) from None
-                    detail = _server_error(error)
-                if error.code not in RETRY_STATUSES:
-                    raise RemoteRewardError(
-                        f"reward server {url} refused the request: HTTP {error.code}: {detail}"
-                    ) from None
-                last = f"HTTP {error.code}: {detail}"
-            except (OSError, ValueError, EOFError, http.client.HTTPException) as error:
-                # refused, reset, timed out, a garbled status line, a cut-off answer
-                reason = error.reason if isinstance(error, urllib.error.URLError) else error
-                if isinstance(reason, TimeoutError):
-                    last = f"timed out: no complete answer within the {self.timeout:g} s deadline (reward.timeout)"
-                else:
-                    last = _one_line(f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__)
-            else:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        end = math.inf if self.deadline is None else started + self.deadline
+        last, tried = "", 0
+        # the retries are this loop's: httpx2's transport retries failed connections only, not HTTP 503 (busy)
+        async with httpx2.AsyncClient(follow_redirects=False, trust_env=self._trust_env, timeout=None) as client:
+            for attempt in range(tries):
+                if attempt:
+                    pause = self.backoff * 2 ** (attempt - 1)
+                    if loop.time() + pause >= end:
+                        break  # no time left for another try
+                    await asyncio.sleep(pause)
+                budget = min(self.timeout, end - loop.time())
+                if budget <= 0:
+                    break
+                tried += 1
                 try:
-                    return json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
+                    async with asyncio.timeout(budget):
+                        status, reason, answer_headers, raw = await _fetch(client, url, data, headers)
+                except TimeoutError:
+                    last = (
+                        f"timed out: no complete answer within the {budget:g} s deadline (reward.timeout)"
+                        if budget == self.timeout
+                        else f"timed out: no complete answer in the {budget:.1f} s left of reward.deadline"
+                    )
+                    continue
+                except (httpx2.TransportError, OSError, ValueError) as error:  # refused, reset, garbled, cut off
+                    last = _transport_reason(error)
+                    continue
+                except _TooBig:
                     raise RemoteRewardError(
-                        f"reward server {url} answered malformed data: not JSON: {_excerpt(raw)}"
+                        f"reward server {url} answered more than {MAX_ANSWER_BYTES // 2**20} MiB: "
+                        "not a reward server's answer"
                     ) from None
-            finally:
-                with self._tries_lock:
-                    self._tries.discard(request.attempt)
-            if self._closed.is_set():
-                raise RemoteRewardError(f"reward server {url}: request abandoned (the reward was closed)")
+                if 300 <= status < 400:
+                    location = _one_line(answer_headers.get("Location") or "nowhere")
+                    raise RemoteRewardError(
+                        f"reward server {url} redirected (HTTP {status}) to {location!r}; redirects are "
+                        "not followed (reward.headers go to reward.url only): set reward.url to the server itself"
+                    )
+                if 200 <= status < 300:
+                    try:
+                        return json.loads(raw)
+                    except (ValueError, UnicodeDecodeError):
+                        raise RemoteRewardError(
+                            f"reward server {url} answered malformed data: not JSON: {_excerpt(raw)}"
+                        ) from None
+                detail = _server_error(raw, reason)
+                if status not in RETRY_STATUSES:
+                    raise RemoteRewardError(f"reward server {url} refused the request: HTTP {status}: {detail}")
+                last = f"HTTP {status}: {detail}"
+        elapsed = loop.time() - started
+        if tried < tries:
+            raise RemoteRewardError(
+                f"reward server {url} did not answer within the {self.deadline:g} s deadline (reward.deadline) "
+                f"after {tried} tr{'y' if tried == 1 else 'ies'} (last: {last}); check that it runs (reward.url)"
+            )
         raise RemoteRewardError(
             f"reward server {url} did not answer after {tries} tr{'y' if tries == 1 else 'ies'} "
-            f"in {time.monotonic() - started:.1f} s (last: {last}); check that it runs (reward.url, reward.timeout)"
+            f"in {elapsed:.1f} s (last: {last}); check that it runs (reward.url, reward.timeout)"
         )
 
     def __repr__(self) -> str:
@@ -518,34 +539,13 @@ def _numbers(values: Any, count: int) -> list[float] | str:
     return out
 
 
-def _read_answer(response, url: str) -> bytes:
-    """The body of an answer, in chunks (each read bounded by the try's deadline), at most MAX_ANSWER_BYTES."""
-    too_big = RemoteRewardError(
-        f"reward server {url} answered more than {MAX_ANSWER_BYTES // 2**20} MiB: not a reward server's answer"
-    )
-    declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
-        raise too_big
-    chunks, size = [], 0
-    while chunk := response.read(2**20):
-        size += len(chunk)
-        if size > MAX_ANSWER_BYTES:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _server_error(error: urllib.error.HTTPError) -> str:
-    """The ``error`` field of a server's JSON error answer, or the start of its body."""
-    try:
-        body = error.read(64 * 1024)  # only for the message
-    except Exception:  # noqa: BLE001 (the body is only for the message)
-        body = b""
+def _server_error(body: bytes, reason: str) -> str:
+    """The ``error`` field of a server's JSON error answer, or the start of its body, or the reason phrase."""
     try:
         message = json.loads(body).get("error")
     except (ValueError, AttributeError, UnicodeDecodeError):
         message = None
-    return _one_line(str(message)) if message else _excerpt(body) if body else str(error.reason)
+    return _one_line(str(message)) if message else _excerpt(body) if body else reason
 
 
 def _excerpt(value: Any) -> str:

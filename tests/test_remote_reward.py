@@ -162,6 +162,8 @@ def test_a_down_server_stops_the_build_in_one_line_naming_url_and_tries():
         ("timeout", 0, "reward.timeout"),
         ("retries", -1, "reward.retries"),
         ("backoff", -1.0, "reward.backoff"),
+        ("deadline", 0, "reward.deadline"),
+        ("deadline", float("nan"), "reward.deadline"),
         ("batch_size", 0, "reward.batch_size"),
         ("image_encoding", "jpeg", "reward.image_encoding"),
     ],
@@ -348,6 +350,23 @@ def test_a_server_slower_than_the_timeout_times_out_after_the_retries(stub):
     assert time.monotonic() - started < 2
     message = one_error_line(caught.value)
     assert "after 2 tries" in message and "timed out" in message, message
+
+
+def test_the_deadline_bounds_a_request_with_all_its_tries_and_backoff(stub):
+    from rewards.remote import RemoteReward, RemoteRewardError
+
+    stub.answers = [(200, _scores([1.0, 2.0]), 3.0)]  # every answer comes after 3 s
+    reward = RemoteReward(stub.url, timeout=1.0, retries=5, backoff=0.2, deadline=1.5, check_health=False)
+    started = time.monotonic()
+    with pytest.raises(RemoteRewardError) as caught:
+        reward(images(2), ["a", "b"], [{}, {}])
+    elapsed = time.monotonic() - started
+    # without the deadline: 6 tries of 1 s and 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of backoff, 12 s in all
+    assert 1.4 < elapsed < 2.5, elapsed
+    message = one_error_line(caught.value)
+    assert f"reward server {stub.url}/score did not answer within the 1.5 s deadline (reward.deadline)" in message
+    assert "after 2 tries" in message and "s left of reward.deadline" in message, message
+    assert len(stub.requests) == 2  # the second try got the 0.3 s left; no third one started
 
 
 def test_a_big_batch_goes_in_chunks_and_the_request_follows_the_protocol(stub):

@@ -3,6 +3,13 @@
 A downloaded file is written to a temporary file next to its destination and renamed into
 place only after its sha256 matches, so a cache never holds a truncated or foreign file.
 Every failure a user can fix is a one-line ``ConfigError`` that says how to fix it.
+
+The transfers are libraries': a Hub file comes through ``huggingface_hub.hf_hub_download``
+(its cache, its resumable download, HF_HUB_OFFLINE), a file elsewhere (the LAION head's
+upstream on GitHub) through httpx2. What stays here is what they do not do: ``hf_hub_download``
+checks a file's size but no pinned sha256 (a branch such as ``main`` may change under it), and
+a URL has no library cache, so :func:`fetch_verified` pins the content and tries the sources
+in order.
 """
 
 from __future__ import annotations
@@ -42,13 +49,17 @@ def sha256_file(path) -> str:
 
 
 def fetch_url(url: str, dest, timeout: float, max_bytes: int | None = None) -> None:
-    """Stream ``url`` into ``dest``; ``timeout`` bounds every socket operation."""
-    import urllib.request
+    """Stream ``url`` into ``dest`` with httpx2 (redirects followed, as GitHub's raw links need);
+    ``timeout`` bounds every network operation, ``max_bytes`` the size."""
+    import httpx2
 
-    request = urllib.request.Request(url, headers={"User-Agent": "ddpo-rewards"})
     written = 0
-    with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
-        for chunk in iter(lambda: response.read(1 << 16), b""):
+    with (
+        httpx2.stream("GET", url, headers={"User-Agent": "ddpo-rewards"}, timeout=timeout, follow_redirects=True) as r,
+        open(dest, "wb") as out,
+    ):
+        r.raise_for_status()
+        for chunk in r.iter_bytes(1 << 16):
             written += len(chunk)
             if max_bytes is not None and written > max_bytes:
                 raise OSError(f"download exceeds the expected {max_bytes} bytes")

@@ -172,6 +172,71 @@ def test_unreachable_names_the_host_and_passes_a_listening_one():
         assert unreachable(f"http://127.0.0.1:{server.getsockname()[1]}/x") is None
 
 
+def test_a_url_download_follows_redirects_is_verified_and_stops_at_its_size(tmp_path, monkeypatch):
+    """The reward download's URL source (httpx2): GitHub's raw links redirect; a file is kept only if
+    its sha256 matches, and a download longer than announced is cut off."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # URL sources are skipped offline
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ddpo.errors import ConfigError
+    from rewards.download import UrlSource, fetch_url, fetch_verified
+
+    content = bytes(range(256)) * 40
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            if self.path == "/raw/head.pth":
+                self.send_response(302)
+                self.send_header("Location", "/files/head.pth")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_response(200 if self.path == "/files/head.pth" else 404)
+                body = content if self.path == "/files/head.pth" else b"no"
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        sha256 = hashlib.sha256(content).hexdigest()
+        kept = fetch_verified(
+            "head.pth",
+            tmp_path / "cache",
+            [UrlSource(f"{url}/raw/head.pth", 10)],
+            sha256=sha256,
+            size=len(content),
+            what="head",
+            fix="set head_path",
+        )
+        assert kept.read_bytes() == content and [p.name for p in kept.parent.iterdir()] == ["head.pth"]
+        with pytest.raises(ConfigError, match="could not be downloaded") as caught:  # not the pinned file: refused
+            fetch_verified(
+                "other.pth",
+                tmp_path / "cache",
+                [UrlSource(f"{url}/raw/head.pth", 10)],
+                sha256="0" * 64,
+                size=None,
+                what="head",
+                fix="set head_path",
+            )
+        assert "\n" not in str(caught.value) and not (tmp_path / "cache" / "other.pth").exists()
+        with pytest.raises(OSError, match="exceeds the expected 1000 bytes"):
+            fetch_url(f"{url}/files/head.pth", tmp_path / "part", 10, max_bytes=1000)
+        with pytest.raises(Exception, match="404"):
+            fetch_url(f"{url}/missing", tmp_path / "part", 10)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path):
     import subprocess
     import sys

@@ -20,6 +20,16 @@ idle one holds no thread), each request must arrive within ``--timeout``, bodies
 retry), and images are decoded only if their headers announce at most ``--max-megapixels``. It
 listens on 127.0.0.1 by default; with ``$DDPO_REWARD_TOKEN`` set, every request must carry
 ``Authorization: Bearer <token>`` (``reward=remote`` sends it from the same variable).
+
+Why asyncio's streams and not a maintained server: what a server library would take over here is
+the HTTP/1.1 framing of two JSON endpoints (the headers are parsed by ``http.client.parse_headers``),
+while the limits above, the part that matters, it would not give. uvicorn has no deadline for a
+request to arrive (its keep-alive timeout applies between requests and restarts with every byte, and
+an ASGI middleware runs only once the headers are in: Kludex/uvicorn#157), nor a body size limit;
+waitress's ``channel_timeout`` is idle time, restarted by every byte too, and it reads a whole body
+before the application sees the request, so a request whose body is still arriving could neither
+take a ``--max-requests`` slot nor be answered 408. Each limit would be written again around the
+library, which none of this project's dependencies brings.
 """
 
 from __future__ import annotations

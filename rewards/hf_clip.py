@@ -46,46 +46,23 @@ def _embeddings(output):
     return output.pooler_output
 
 
-def _field(value, key: str):
-    """``value[key]`` of a size entry: a dict, a transformers ``SizeDict``, or None."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return value.get(key)
-    return getattr(value, key, None)
+def _not_differentiable(image_processor) -> str | None:
+    """Why ``image_processor`` cannot preprocess tensors differentiably, or None when it can: transformers'
+    torchvision backend (the default image processors of transformers 5) runs its resize, centre crop,
+    rescale and normalisation as torch ops on tensors; a PIL/NumPy one does not."""
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:  # transformers < 5
+        return f"{type(image_processor).__name__} (no torchvision backend in this transformers)"
+    if not isinstance(image_processor, TorchvisionBackend):
+        return f"{type(image_processor).__name__} (not transformers' torchvision backend)"
+    return None
 
 
-def tensor_preprocessing(image_processor) -> tuple[dict | None, str | None]:
-    """The :func:`rewards.clip_preprocess.preprocess_tensor` arguments that mirror a transformers
-    CLIP image processor (bicubic resize of the short side, centre crop, rescale by 1/255, mean/std
-    normalisation), or (None, why not) for a processor this torch twin does not reproduce."""
-    if not getattr(image_processor, "do_rescale", True):
-        return None, "do_rescale=False (pixels in 0-255 are not reproduced)"
-    rescale = float(getattr(image_processor, "rescale_factor", 1 / 255))
-    if abs(rescale * 255 - 1) > 1e-6:
-        return None, f"rescale_factor={rescale} (only 1/255 is reproduced)"
-    spec = {"resize": None, "crop": None, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-    if getattr(image_processor, "do_resize", True):
-        size = getattr(image_processor, "size", None)
-        shortest = size if isinstance(size, int) else _field(size, "shortest_edge")
-        if not shortest or _field(size, "longest_edge"):
-            return None, f"size={size} (only a shortest_edge resize is reproduced)"
-        resample = getattr(image_processor, "resample", 3)
-        if str(getattr(resample, "value", resample)).lower() not in ("3", "bicubic"):
-            return None, f"resample={resample} (only bicubic is reproduced)"
-        spec["resize"] = int(shortest)
-    if getattr(image_processor, "do_center_crop", False):
-        crop = getattr(image_processor, "crop_size", None)
-        if isinstance(crop, int):
-            spec["crop"] = (crop, crop)
-        elif _field(crop, "height") and _field(crop, "width"):
-            spec["crop"] = (int(_field(crop, "height")), int(_field(crop, "width")))
-        else:
-            return None, f"crop_size={crop} (a height and a width are needed)"
-    if getattr(image_processor, "do_normalize", True):
-        spec["mean"] = tuple(float(x) for x in image_processor.image_mean)
-        spec["std"] = tuple(float(x) for x in image_processor.image_std)
-    return spec, None
+def _stacked(pixel_values):
+    import torch
+
+    return pixel_values if isinstance(pixel_values, torch.Tensor) else torch.stack(list(pixel_values))
 
 
 class HFClipReward(ModelReward):
@@ -93,7 +70,8 @@ class HFClipReward(ModelReward):
 
     Subclasses set ``name`` and :meth:`factor`; ``info["cosine"]`` carries the raw cosine.
     ``__call__`` preprocesses with the model's own image processor (on PIL images);
-    ``score_with_grad`` with its torch twin (:func:`tensor_preprocessing`), the rest is shared.
+    ``score_with_grad`` with the same processor on the float images (:meth:`tensor_pixels`), the rest
+    is shared.
     """
 
     name = "hf_clip"
@@ -127,8 +105,8 @@ class HFClipReward(ModelReward):
                 raise ConfigError(f"reward.model_path={model_path} is not a CLIP-style model (no {method})")
         text_config = getattr(self.model.config, "text_config", self.model.config)
         self.max_length = int(getattr(text_config, "max_position_embeddings", 77))
-        self.tensor_spec, self._not_differentiable = tensor_preprocessing(self.processor.image_processor)
-        if self.tensor_spec is None:
+        self._not_differentiable = _not_differentiable(self.processor.image_processor)
+        if self._not_differentiable:
             self.differentiable = False
 
     def factor(self):
@@ -145,19 +123,24 @@ class HFClipReward(ModelReward):
         return self.processor.image_processor(images=to_pil_images(images), return_tensors="pt")["pixel_values"]
 
     def tensor_pixels(self, images):
-        """The differentiable twin of :meth:`pil_pixels` (float32, on the images' device)."""
-        from .clip_preprocess import preprocess_tensor, resized_shape
+        """The differentiable twin of :meth:`pil_pixels`: the same processor, with its own settings, on
+        the float images scaled to its 0-255 input, in two calls so that the resized image is clamped to
+        [0, 255] between them, as the PIL path's uint8 image is (bicubic overshoots); float32, on the
+        images' device."""
+        import torch
 
-        if self.tensor_spec is None:
+        if self._not_differentiable:
             raise NotImplementedError(
-                f"reward {self.name!r}: its image processor has {self._not_differentiable}, "
+                f"reward {self.name!r}: its image processor is {self._not_differentiable}, "
                 "so it has no differentiable scoring path"
             )
-        spec = self.tensor_spec
-        height, width = images.shape[-2:]
-        size = spec["resize"] or min(height, width)  # no resize: the short side keeps its length
-        crop = spec["crop"] or resized_shape(height, width, size, "shortest")  # no crop: all of it
-        return preprocess_tensor(images, size, "shortest", spec["mean"], spec["std"], crop=crop, crop_rounding="floor")
+        processor = self.processor.image_processor
+        common = {"input_data_format": "channels_first", "return_tensors": None}
+        resized = processor(
+            images=images.float() * 255.0, do_center_crop=False, do_rescale=False, do_normalize=False, **common
+        )["pixel_values"]
+        pixels = processor(images=_stacked(resized).clamp(0.0, 255.0), do_resize=False, **common)["pixel_values"]
+        return _stacked(pixels).to(torch.float32)
 
     def _cosine_of_pixels(self, pixels, prompts):
         """cos(image, prompt) of preprocessed pixels, float32 on the reward's device (grad if pixels have)."""

@@ -693,19 +693,18 @@ def test_differentiable_flag_of_every_reward_class():
 
 
 def test_hf_tensor_preprocessing_mirrors_the_processor(reward_clip_score):
-    processor = reward_clip_score.processor.image_processor
-    spec = reward_clip_score.tensor_spec
-    assert spec["resize"] == processor.size["shortest_edge"] == 32
-    assert spec["crop"] == (processor.crop_size["height"], processor.crop_size["width"]) == (32, 32)
-    assert spec["mean"] == pytest.approx(tuple(processor.image_mean))
-    assert spec["std"] == pytest.approx(tuple(processor.image_std))
+    """The tensor path is the model's own image processor on the float images: its PIL path's pixels
+    to within the uint8 rounding of the input and of the resized image, with gradients."""
+    assert reward_clip_score.differentiable
     for height, width in [(64, 48), (65, 47), (32, 32), (80, 200)]:
-        images = _smooth_images(2, height, width, seed=height + width)
-        pil = reward_clip_score.pil_pixels(images)
+        images = _smooth_images(2, height, width, seed=height + width).requires_grad_(True)
+        pil = reward_clip_score.pil_pixels(images.detach())
         tensor = reward_clip_score.tensor_pixels(images)
-        assert pil.shape == tensor.shape == (2, 3, 32, 32)
+        assert pil.shape == tensor.shape == (2, 3, 32, 32) and tensor.dtype == torch.float32
         # the processor rounds its input and its resized image to uint8: at most ~1.5/255 in pixel space
-        assert (pil - tensor).abs().max() * 0.27 < 1.5 / 255, (height, width)
+        assert (pil - tensor.detach()).abs().max() * 0.27 < 1.5 / 255, (height, width)
+        tensor.sum().backward()
+        assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0, (height, width)
 
 
 # ---------------------------------------------------------------- the reward config group

@@ -86,8 +86,8 @@ def _from_pretrained(
 
     from ddpo.network import work_offline_unless_hub_reachable
 
-    if not local:
-        work_offline_unless_hub_reachable()
+    if not local and work_offline_unless_hub_reachable():
+        kwargs = {**kwargs, "local_files_only": True}  # diffusers' per-call offline switch
     source = os.path.abspath(os.path.expanduser(path)) if local else path
     try:
         return getattr(diffusers, pipeline_class).from_pretrained(

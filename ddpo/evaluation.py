@@ -232,7 +232,10 @@ def flat_metrics(summary: dict, prefix: str = "eval_") -> dict[str, float]:
 
 
 def comparison_grid(rows: list[tuple[str, list, list]], tile: int = 96):
-    """One row per prompt: its base images, a gap, its trained images (same seeds), prompt above."""
+    """One row per prompt: its base images, a gap, its trained images (same seeds), prompt above.
+
+    Not diffusers' ``make_image_grid`` (same-sized images edge to edge, no text): the labels and the
+    gap between base and trained images are the point of this grid."""
     from PIL import Image, ImageDraw
 
     from ddpo.logging import to_pil

@@ -165,7 +165,10 @@ def wrap_caption(caption: str, width: int, lines: int = CAPTION_LINES) -> list[s
 
 
 def image_grid(images: list, captions: list[str], tile: int = 256, columns: int | None = None):
-    """Tiles with their captions underneath (wrapped, not cut), up to 8 per row."""
+    """Tiles with their captions underneath (wrapped, not cut), up to 8 per row.
+
+    Not diffusers' ``make_image_grid``: that pastes same-sized images edge to edge with no text, and
+    the captions (the prompt of each image) are what this grid is for."""
     from PIL import Image, ImageDraw
 
     columns = min(columns or 8, len(images))

@@ -19,7 +19,7 @@ Available rewards (module: class):
 - ``rewards.hpsv2``: ``HPSv2`` (Human Preference Score v2.1)
 - ``rewards.clip_score``: ``ClipScore``
 - ``rewards.mix``: ``WeightedSum``
-- ``rewards.remote``: ``RemoteReward`` (any reward, scored by an HTTP server: ``scripts/reward_server.py``)
+- ``rewards.remote``: ``RemoteReward`` (any reward, scored by an HTTP server: ``ddpo-reward-server``)
 """
 
 from .base import Reward

@@ -1,8 +1,9 @@
 """A reward scored by an HTTP server: ``reward=remote reward.url=http://host:port``.
 
 The wire format (protocol 1, documented in the README's "Remote rewards" section) lives here, both
-sides of it: the client (``RemoteReward``) and the functions ``scripts/reward_server.py`` serves with
-(``decode_images``, ``encode_scores``), so that the two cannot drift apart.
+sides of it: the client (``RemoteReward``) and the functions the server (``ddpo-reward-server``, in a clone
+``scripts/reward_server.py``; its code is ``ddpo/tools/reward_server.py``) serves with (``decode_images``,
+``encode_scores``), so that the two cannot drift apart.
 
     GET  /health -> {"protocol": 1, "status": "ok", "reward": name, "target": class, "image_encodings": [...]}
     POST /score  {"protocol": 1, "images": {...}, "prompts": [...], "metadata": [...]}
@@ -263,7 +264,7 @@ async def _fetch(client, url: str, data: bytes | None, headers: dict) -> tuple[i
 
 
 class RemoteReward(Reward):
-    """Posts each image batch to a reward server (``scripts/reward_server.py`` or your own) and
+    """Posts each image batch to a reward server (``ddpo-reward-server`` or your own) and
     returns its rewards and info. Runs in the trainer's reward thread like any local reward.
 
     Args:

@@ -83,7 +83,7 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-TOOLS = ("sample", "evaluate", "export", "plot_runs")  # scripts/<name>.py runs ddpo/tools/<name>.py
+TOOLS = ("sample", "evaluate", "export", "plot_runs", "reward_server")  # scripts/<name>.py runs ddpo/tools/<name>.py
 
 
 def load_script(name: str):

@@ -23,6 +23,7 @@ COMMANDS = {
     "ddpo-evaluate": "ddpo.tools.evaluate:main",
     "ddpo-export": "ddpo.tools.export:cli",
     "ddpo-plot": "ddpo.tools.plot_runs:main",
+    "ddpo-reward-server": "ddpo.tools.reward_server:main",
 }
 
 

@@ -99,7 +99,7 @@ def test_the_wheel_metadata_matches_the_tested_pins(wheel):
     assert f"{info}/licenses/LICENSE" in archive.namelist()
 
     metadata = archive.read(f"{info}/METADATA").decode()
-    assert "License-Expression: Apache-2.0" in metadata and "Requires-Python: >=3.10" in metadata
+    assert "License-Expression: Apache-2.0" in metadata and "Requires-Python: >=3.11" in metadata
     requires = [
         Requirement(line.split(":", 1)[1].strip())
         for line in metadata.splitlines()

@@ -294,7 +294,7 @@ class RewardService:
             message = f"the request line and headers exceed {HEADER_LIMIT // 1024} KiB"
             await self.send(writer, client, "-", "-", 431, {"error": message}, time.perf_counter(), True)
             return False
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if first:  # an idle keep-alive connection is closed without a word
                 self.log(f"{client} sent no complete request within {timeout:g} s (--timeout): closed")
             return False
@@ -353,7 +353,7 @@ class RewardService:
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             try:  # the body is read as it arrives: its announced length reserves nothing
                 body = await asyncio.wait_for(reader.readexactly(length), limits.timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise Refused(
                     408, f"the body did not arrive within {limits.timeout:g} s (--timeout)", close=True
                 ) from None
@@ -379,7 +379,7 @@ class RewardService:
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
             await asyncio.wait_for(writer.drain(), self.limits.timeout)
             delivered = True
-        except (OSError, asyncio.TimeoutError) as exc:  # the client went away or does not read
+        except (TimeoutError, OSError) as exc:  # the client went away or does not read
             delivered = False
             error = f"answer not delivered: {type(exc).__name__}" + (f"; {error}" if error else "")
         what = f" {images} image(s)" if images is not None else ""

@@ -20,6 +20,7 @@ from ddpo.config_history import RunRecord
 from ddpo.errors import ConfigError, DDPOError, WeightsMismatch
 from ddpo.logging import METRICS_FILE, MetricsFile
 from ddpo.pipelines.base import DDPOPipeline
+from ddpo.sharding import full_weights, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,8 @@ def quiet_accelerate_info():
             return record.levelno > logging.INFO
 
     quiet = BelowInfo()
-    loggers = [logging.getLogger(name) for name in ("accelerate.accelerator", "accelerate.checkpointing")]
+    names = ("accelerate.accelerator", "accelerate.checkpointing", "accelerate.utils.fsdp_utils")
+    loggers = [logging.getLogger(name) for name in names]
     for logger in loggers:
         logger.addFilter(quiet)
     try:
@@ -363,36 +365,49 @@ def disk_full(exc: BaseException, path: str | None = None) -> bool:
 
 
 def register_weight_hooks(accelerator, pipeline: DDPOPipeline) -> None:
-    """Checkpoints hold only the trained weights, in diffusers format (``pipeline.save_trained``)."""
+    """Checkpoints hold only the trained weights, in diffusers format (``pipeline.save_trained``).
+
+    Under FSDP accelerate saves and loads the sharded model itself (what a resume reads); the hooks add
+    the gathered diffusers export and the shadows (``ddpo.sharding``)."""
+    sharded = is_sharded(accelerator)
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            pipeline.save_trained(output_dir)
+        with full_weights(accelerator, pipeline) as writes:  # sharded: every process gathers
+            if writes:
+                pipeline.save_trained(output_dir)
         weights.clear()
 
     def load_hook(models, input_dir):
-        pipeline.load_trained(input_dir)
+        if sharded:  # the trained module's shards are accelerate's to load
+            pipeline.load_shadows(input_dir)
+        else:
+            pipeline.load_trained(input_dir)
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def write_final(pipeline: DDPOPipeline, final_dir: str) -> list[str]:
+def write_final(pipeline: DDPOPipeline, final_dir: str, accelerator=None) -> list[str]:
     """Export the trained weights to ``final_dir`` atomically: whole, or not there at all.
 
-    A full disk removes the partial export and stops with one line: the last checkpoint holds the
-    same weights, and the rerun writes ``final_dir`` from it.
+    Called on the main process, or under FSDP on every process (which gather the weights; the main one
+    writes them). A full disk removes the partial export and stops with one line: the last checkpoint
+    holds the same weights, and the rerun writes ``final_dir`` from it.
     """
     tmp = final_dir + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
     full = (
         f"the disk is full: the trained weights could not be written to {final_dir} (the partial copy is removed; "
         "the last checkpoint holds the same weights). Free space and rerun the same command: it writes final/ "
         "from the last checkpoint"
     )
-    with stop_on_full_disk(tmp, full), pipeline.ema_weights():  # the EMA's weights if the run keeps one
-        files = pipeline.export(tmp)
+    # the EMA's weights if the run keeps one
+    with pipeline.ema_weights(), full_weights(accelerator, pipeline) as writes:
+        if not writes:
+            return []
+        shutil.rmtree(tmp, ignore_errors=True)
+        with stop_on_full_disk(tmp, full):
+            files = pipeline.export(tmp)
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp, final_dir)
     return [final_dir + f[len(tmp) :] for f in files]

@@ -500,6 +500,9 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     plan = plan_batches(run, accelerator.num_processes)
     algorithm = _instantiate(cfg.algorithm, "the algorithm (algorithm=...)")
     algorithm.check_plan(plan.samples_per_epoch)
+    from ddpo.sharding import check_sharded_evaluation, check_sharding
+
+    check_sharding(accelerator, run, algorithm)  # FSDP: what it cannot run stops here, before the model loads
     torch.backends.cuda.matmul.allow_tf32 = run.allow_tf32
     torch.backends.cudnn.allow_tf32 = run.allow_tf32
     run_lock = None
@@ -589,6 +592,7 @@ def build(cfg: DictConfig, run_dir: str, reward_name: str = "reward", sweep: dic
     if stored_steps is not None:  # only some steps are transitions (an SDE or train window, branched chains)
         plan = plan_batches(run, accelerator.num_processes, stored_steps)
     evaluator = build_evaluator(cfg, run, prompt_fn, {reward_name: reward_fn}, accelerator.device)
+    check_sharded_evaluation(accelerator, evaluator)
     optimizer = _instantiate(cfg.optimizer, "the optimizer (optimizer)") if cfg.get("optimizer") else None
     if optimizer is not None and not callable(optimizer):
         raise ConfigError("optimizer must build an optimizer from the trained parameters: set optimizer._partial_=true")

@@ -32,9 +32,20 @@ class ShadowWeights:
         for name, p in self.parameters.items():
             self.tensors[name].mul_(decay).add_(p.detach().to(self.tensors[name].dtype), alpha=1 - decay)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are FSDP2's shards (DTensors); then the shadow is sharded alike."""
+        from torch.distributed.tensor import DTensor
+
+        return any(isinstance(p, DTensor) for p in self.parameters.values())
+
     @contextlib.contextmanager
     def swapped(self):
         """Within this context the parameters hold the shadow weights (in the parameters' dtype)."""
+        if self.sharded:
+            with self._copied_in():
+                yield
+            return
         saved = {}
         with torch.no_grad():
             for name, p in self.parameters.items():
@@ -47,6 +58,23 @@ class ShadowWeights:
                 for name, p in self.parameters.items():
                     p.data = saved[name]
 
+    @contextlib.contextmanager
+    def _copied_in(self):
+        """``swapped`` for FSDP2's shards: FSDP gathers each pass's weights from its own buffer, which the
+        shards' storage is, so the shadow is copied into it (and the trained shards back afterwards)."""
+        from ddpo.sharding import local
+
+        with torch.no_grad():
+            saved = {name: local(p).clone() for name, p in self.parameters.items()}
+            for name, p in self.parameters.items():
+                local(p).copy_(local(self.tensors[name]))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.parameters.items():
+                    local(p).copy_(saved[name])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.tensors)
 
@@ -58,7 +86,16 @@ class ShadowWeights:
             for name, value in state.items():
                 if value.shape != self.tensors[name].shape:
                     raise ValueError(f"{name}: shape {tuple(value.shape)}, expected {tuple(self.tensors[name].shape)}")
-                self.tensors[name].copy_(value)
+                target = self.tensors[name]
+                if hasattr(target, "device_mesh"):  # sharded: this process's part of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    # every process read the whole file: each keeps its own part, no communication
+                    placed = distribute_tensor(
+                        value.to(target.device), target.device_mesh, target.placements, src_data_rank=None
+                    )
+                    value, target = placed.to_local(), target.to_local()
+                target.copy_(value)
 
 
 def ema_decay(decay: float, step: int) -> float:

@@ -50,6 +50,7 @@ from ddpo.reward_calls import (
     timed_call,
 )
 from ddpo.seeds import shuffle_seed
+from ddpo.sharding import is_sharded, local, prepare_sharded, whole
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,9 @@ def train_epoch(
                 sync = last_of_step and start + t.timesteps_per_call >= trained
                 # every transition weighs the same in an optimizer step, however they are grouped
                 weight = steps.shape[1] / (trained * t.gradient_accumulation_steps)
-                context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+                # FSDP reduce-scatters every backward pass: unsynchronised, each process would hold whole gradients
+                unsynced = not sync and not is_sharded(accelerator)
+                context = accelerator.no_sync(model) if unsynced else contextlib.nullcontext()
                 with context:
                     loss, stats = algorithm.loss(pipeline, batch, adv)
                     accelerator.backward(loss * weight)
@@ -260,7 +263,7 @@ def train_epoch(
                 for key, value in stats.items():
                     totals.setdefault(key, []).append(value)
                 if sync:
-                    grad_norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm)
+                    grad_norm = whole(accelerator.clip_grad_norm_(parameters, t.max_grad_norm))
                     totals["grad_norm"].append(torch.as_tensor(grad_norm, device=device).float())
                     optimizer.step()
                     step_lr_schedule(comps)
@@ -320,13 +323,13 @@ def differentiable_epoch(comps: Components, run, epoch: int, optimizer, model, s
             for key, value in stats.items():
                 totals.setdefault(key, []).append(value)
             if (i + 1) % t.gradient_accumulation_steps == 0:
-                if world > 1:  # what DDP does: the mean of every process's gradient
+                if world > 1 and not is_sharded(accelerator):  # what DDP does (FSDP reduces in the backward pass)
                     for p in parameters:
                         if p.grad is None:
                             p.grad = torch.zeros_like(p)
                         torch.distributed.all_reduce(p.grad)
                         p.grad /= world
-                grad_norm = accelerator.clip_grad_norm_(parameters, t.max_grad_norm)
+                grad_norm = whole(accelerator.clip_grad_norm_(parameters, t.max_grad_norm))
                 totals["grad_norm"].append(torch.as_tensor(grad_norm, device=device).float())
                 optimizer.step()
                 step_lr_schedule(comps)
@@ -377,10 +380,13 @@ def check_finite_training(stats: dict[str, float], epoch: int, run_dir: str) -> 
             )
 
 
-def check_finite_weights(pipeline: DDPOPipeline, epoch: int, run_dir: str) -> None:
+def check_finite_weights(pipeline: DDPOPipeline, epoch: int, run_dir: str, accelerator=None) -> None:
     """Never checkpoint or export NaN weights: the last step of an epoch can diverge after its loss was finite."""
-    parameters = pipeline.trainable_parameters()
-    if not bool(torch.stack([p.detach().isfinite().all() for p in parameters]).all()):
+    parameters = [local(p) for p in pipeline.trainable_parameters()]  # sharded: this process's part
+    finite = bool(torch.stack([p.detach().isfinite().all() for p in parameters]).all())
+    if is_sharded(accelerator):
+        finite = not any_rank(accelerator, not finite)
+    if not finite:
         raise DDPOError(
             f"epoch {epoch + 1}: the trained weights hold NaN or infinite values (training diverged); "
             f"nothing of this epoch was saved (the last checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)}"
@@ -431,19 +437,30 @@ def prepare(comps: Components, run):
     """The policies beside the trained one, the optimizer (``optimizer``: a partial of the config's
     node), accelerate's wrapping, and the checkpoint hooks; returns (model, optimizer)."""
     pipeline, algorithm = comps.pipeline, comps.algorithm
+    sharded = pipeline.sharded = is_sharded(comps.accelerator)
     if algorithm.needs_reference:
         pipeline.keep_reference()  # before training moves the weights
-    if algorithm.needs_old_policy:
-        pipeline.keep_old_policy()
-    if run.train.ema_decay > 0:
-        pipeline.keep_ema(run.train.ema_decay, run.train.ema_every)
+    if not sharded:
+        keep_shadows(pipeline, algorithm, run)
     algorithm.start(pipeline)  # before resume_run loads trained weights: what the run starts from
     optimizer = (comps.optimizer or default_optimizer(run.train))(pipeline.trainable_parameters())
     model, optimizer = comps.accelerator.prepare(pipeline.trainable_module(), optimizer)
+    if sharded:  # FSDP2 replaced the parameters by their shards: the copies beside them are made of the shards
+        prepare_sharded(model)
+        pipeline.shard_reference()
+        keep_shadows(pipeline, algorithm, run)
     comps.lr_scheduler = lr_schedule(comps, run, optimizer)
     pipeline.use_wrapped(model)
     register_weight_hooks(comps.accelerator, pipeline)
     return model, optimizer
+
+
+def keep_shadows(pipeline: DDPOPipeline, algorithm: Algorithm, run) -> None:
+    """The old policy and the EMA, as copies of the trained weights (before any is trained)."""
+    if algorithm.needs_old_policy:
+        pipeline.keep_old_policy()
+    if run.train.ema_decay > 0:
+        pipeline.keep_ema(run.train.ema_decay, run.train.ema_every)
 
 
 def lr_schedule(comps: Components, run, optimizer):
@@ -529,9 +546,13 @@ def finish_complete_run(comps: Components, run, state: TrainingState, metrics: M
         run.num_epochs,
     )
     final_dir = os.path.join(comps.run_dir, FINAL_DIR)
-    if comps.accelerator.is_main_process and not os.path.isdir(final_dir):  # killed while writing it
-        log.warning("%s is missing: writing it from the last checkpoint", final_dir)
-        write_final(comps.pipeline, final_dir)
+    missing = comps.accelerator.is_main_process and not os.path.isdir(final_dir)  # killed while writing it
+    if is_sharded(comps.accelerator):  # every process gathers the weights it is written from
+        missing = any_rank(comps.accelerator, missing)
+    if missing:
+        if comps.accelerator.is_main_process:
+            log.warning("%s is missing: writing it from the last checkpoint", final_dir)
+        write_final(comps.pipeline, final_dir, comps.accelerator)
     comps.accelerator.wait_for_everyone()
     records = metrics.read()
     return records[-1]["reward_mean"] if records else None
@@ -631,7 +652,7 @@ def run_epoch(comps: Components, run, epoch: int, state: TrainingState, executor
         train_s = time.perf_counter() - train_started
     check_finite_training(stats, epoch, comps.run_dir)
     comps.algorithm.end_epoch(comps.pipeline, state.global_step)
-    check_finite_weights(comps.pipeline, epoch, comps.run_dir)
+    check_finite_weights(comps.pipeline, epoch, comps.run_dir, comps.accelerator)
     state.epochs_completed = epoch + 1
     times = (samples.sample_s, train_s, time.perf_counter() - started)
     record = epoch_record(comps, epoch, state, samples, (all_rewards, all_info), stats, times)
@@ -725,9 +746,10 @@ def train(comps: Components, run) -> float | None:
                 hook_error = publish_epoch(comps, run, record, samples, (metrics, evals), state)
                 last_reward = record["reward_mean"]
                 checkpoint_or_stop(comps, run, state, stops, hook_error, metrics)
-            if accelerator.is_main_process:
-                files = write_final(comps.pipeline, os.path.join(comps.run_dir, FINAL_DIR))
-                log.info("trained weights: %s", ", ".join(files))
+            if accelerator.is_main_process or is_sharded(accelerator):  # sharded: every process gathers
+                files = write_final(comps.pipeline, os.path.join(comps.run_dir, FINAL_DIR), accelerator)
+                if accelerator.is_main_process:
+                    log.info("trained weights: %s", ", ".join(files))
             accelerator.wait_for_everyone()
         except KeyboardInterrupt:
             abandon_reward(comps.reward_fn)

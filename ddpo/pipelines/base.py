@@ -374,6 +374,12 @@ class DDPOPipeline(ABC):
         """
         return False
 
+    # whether the trained module is sharded over processes (FSDP: ddpo/sharding.py), set by the trainer
+    sharded = False
+    # the gathered full weights of a sharded module (ddpo.sharding.FullWeights), set on the main process
+    # while ``export`` and ``save_trained`` write them; None: the module holds its own weights
+    full_weights = None
+
     def save_trained(self, directory: str) -> list[str]:
         """A checkpoint's weights: the diffusers export, plus the exact trained tensors if it is not exact."""
         from safetensors.torch import save_file
@@ -385,12 +391,18 @@ class DDPOPipeline(ABC):
             files.append(path)
         for weights, name, _ in self.shadow_files():
             path = os.path.join(directory, name)
-            save_file({k: v.contiguous().cpu() for k, v in weights.state_dict().items()}, path)
+            state = weights.state_dict() if self.full_weights is None else self.full_weights.shadows[name]
+            save_file({k: v.contiguous().cpu() for k, v in state.items()}, path)
             files.append(path)
         return files
 
     def load_trained(self, directory: str) -> None:
         """Load what ``save_trained`` wrote (or a checkpoint of an older version, which always has the file)."""
+        self.load_trained_weights(directory)
+        self.load_shadows(directory)
+
+    def load_trained_weights(self, directory: str) -> None:
+        """The trained module's part of ``load_trained``."""
         from safetensors.torch import load_file
 
         path = os.path.join(directory, TRAINED_WEIGHTS_FILE)
@@ -402,6 +414,11 @@ class DDPOPipeline(ABC):
                 )
             raise FileNotFoundError(f"{path} is missing")
         self.load_trained_state_dict(load_file(path) if os.path.isfile(path) else self.read_export(directory))
+
+    def load_shadows(self, directory: str) -> None:
+        """The old policy's and the EMA's part of ``load_trained`` (sharded where the trained module is)."""
+        from safetensors.torch import load_file
+
         for weights, name, why in self.shadow_files():
             path = os.path.join(directory, name)
             if not os.path.isfile(path):
@@ -505,7 +522,12 @@ class LatentDenoiser:
     def export_full(self, directory: str) -> list[str]:
         """Full fine-tuning's export: the trained module's folder, loadable with ``from_pretrained``."""
         folder = os.path.join(directory, self.trained_folder)
-        self.trainable_module().save_pretrained(folder)
+        module = self.trainable_module()
+        if self.full_weights is not None:  # sharded (FSDP): the gathered weights in a module of the same class
+            from ddpo.sharding import unsharded_module
+
+            module = unsharded_module(module, self.full_weights.trained)
+        module.save_pretrained(folder)
         return [folder]
 
 
@@ -517,9 +539,22 @@ class DenoiserReference:
 
     def keep_reference(self) -> None:
         if not self.use_lora and self._reference is None:  # full fine-tuning: a frozen copy of the start
+            # to be sharded (FSDP): built in host memory, so that no GPU holds a second whole copy
+            if getattr(self, "sharded", False):
+                from ddpo.sharding import host_copy
+
+                self._reference = host_copy(self.trainable_module(), self.dtype)
+                return
             import copy
 
             self._reference = copy.deepcopy(self.trainable_module()).requires_grad_(False).eval().to(self.dtype)
+
+    def shard_reference(self) -> None:
+        """Under FSDP, after the trained module is sharded: shard the full fine-tuning reference into the same units."""
+        if self._reference is not None:
+            from ddpo.sharding import shard_like
+
+            self._reference = shard_like(self._reference, self.trainable_module())
 
     @contextlib.contextmanager
     def reference(self):

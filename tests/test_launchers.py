@@ -149,6 +149,29 @@ def test_plot_runs_compares_run_directories(tmp_path):
     assert int(rows["seed=1"]["epochs"]) == 2
 
 
+def test_plot_runs_takes_a_label_per_run(tmp_path):
+    _fake_run(tmp_path / "a", ["experiment=testbed", "seed=0"], [1.0, 2.0])
+    _fake_run(tmp_path / "b", ["experiment=testbed", "seed=1"], [1.0, 1.5])
+    out = tmp_path / "out"
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    labelled = subprocess.run(
+        [sys.executable, str(PLOT_RUNS), *runs, "--out-dir", str(out), "--label", "NFT", "--label", "AWM"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert labelled.returncode == 0, labelled.stderr
+    with open(out / "summary.csv") as handle:
+        assert [row["label"] for row in csv.DictReader(handle)] == ["NFT", "AWM"]
+    short = subprocess.run(
+        [sys.executable, str(PLOT_RUNS), *runs, "--out-dir", str(out), "--label", "NFT"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert short.returncode != 0 and "1 --label for 2 runs" in short.stderr.strip().splitlines()[-1]
+
+
 def test_plot_runs_without_metrics_says_so(tmp_path):
     result = subprocess.run(
         [sys.executable, str(PLOT_RUNS), str(tmp_path)], capture_output=True, text=True, timeout=120

@@ -189,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-minutes", type=float, help="with --x time: drop the points past this training time")
     parser.add_argument("--title", help="the plot's title")
+    parser.add_argument(
+        "--label",
+        action="append",
+        help="a run's name in the legend, once per run in the order found (default: the overrides that differ)",
+    )
     args = parser.parse_args(argv)
     if args.max_minutes is not None and args.x != "time":
         parser.error("--max-minutes needs --x time")
@@ -199,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     overrides = [read_overrides(run) for run in runs]
     labels = labels_for(runs, overrides)
+    if args.label:
+        if len(args.label) != len(runs):
+            raise SystemExit(f"error: {len(args.label)} --label for {len(runs)} runs: give one per run, in order")
+        labels = args.label
     series = [
         (
             label if len(metrics) == 1 else f"{label} {metric}" if len(runs) > 1 else metric,

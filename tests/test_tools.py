@@ -169,3 +169,107 @@ def test_each_script_runs_its_package_module(name):
     assert module.__doc__.splitlines()[0] in " ".join(result.stdout.split()), result.stdout[:500]
     if name not in ("plot_runs", "reward_server"):  # the tools that sample
         assert "--seed-list" in result.stdout and "--seeds N" in result.stdout
+
+
+# -- FLUX runs: ddpo-sample and ddpo-evaluate take model=tiny_flux, pipeline=flux -------------------------------
+def flux_run(root, overrides=()):
+    """A finished tiny FLUX run, fully fine-tuned: its config and final/transformer (the base model's own weights)."""
+    from omegaconf import OmegaConf
+
+    from ddpo.models.tiny_flux import build_tiny_flux_pipeline
+    from tests.conftest import compose
+    from tests.test_flux import FLUX
+
+    run = root / "run"
+    (run / ".hydra").mkdir(parents=True)
+    cfg = compose([*FLUX, "use_lora=false", "sample.num_steps=2", *overrides])
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml", resolve=True)
+    build_tiny_flux_pipeline(seed=0).transformer.save_pretrained(run / "final" / "transformer")
+    return run
+
+
+def test_sample_takes_a_flux_run(tmp_path, capsys):
+    """The FLUX loaders are allowed; the run is drawn with FluxPipeline (not DDIM), and its full transformer
+    loads as a FluxTransformer2DModel."""
+    run = flux_run(tmp_path)
+    out = tmp_path / "grid.png"
+    sample_tool.main(
+        [str(run), "--device", "cpu", "--out", str(out), "--prompts", "a cat", "--seeds", "1", "--baseline"]
+    )
+    assert out.is_file() and "2 images (full transformer from" in capsys.readouterr().out
+    assert sample_tool.KNOWN_LOADERS.keys() >= {f"ddpo.models.{n}" for n in ("load_flux", "tiny_flux_model")}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"shift": 3.0}, {"true_cfg_scale": 2.0}, {"guidance_scale": 1.0}],
+    ids=["default", "fixed-shift", "true-cfg", "guidance"],
+)
+def test_sample_draws_a_flux_run_as_it_evaluates(settings):
+    """ddpo-sample's FluxPipeline call (scheduler, sampler settings, seeds) draws the images the run's own
+    pipeline draws in evaluation, whatever its FLUX settings."""
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    from ddpo.models.tiny_flux import build_tiny_flux_pipeline
+    from tests.test_flux import flux_pipeline
+
+    pipeline = {"guidance_scale": 3.5, "true_cfg_scale": 1.0, "shift": None, **settings}
+    cfg = OmegaConf.create(
+        {
+            "model": {"resolution": 64},
+            "pipeline": {"_target_": sample_tool.FLUX_PIPELINE, "eval_num_steps": 3, "max_sequence_length": 8}
+            | pipeline,
+        }
+    )
+    ours = flux_pipeline(num_steps=2, eval_num_steps=3, **pipeline)
+    prompts, seeds = ["a cat", "a horse"], [3, 4]
+    with ours.evaluation():
+        rollout = ours.sample(ours.encode_prompts(prompts), [torch.Generator().manual_seed(s) for s in seeds])
+    expected = (rollout.images.permute(0, 2, 3, 1).numpy() * 255).round()
+
+    pipe = build_tiny_flux_pipeline(seed=0)
+    sample_tool.prepare_sampler(pipe, cfg)
+    pipe.set_progress_bar_config(disable=True)
+    drawn = [sample_tool.sample_rows(pipe, [prompt], [seed], cfg, "cpu")[0][0] for prompt, seed in zip(prompts, seeds)]
+    drawn = np.stack([np.asarray(image) for image in drawn]).astype(np.float64)
+    assert np.abs(drawn - expected).max() <= 1, np.abs(drawn - expected).max()
+
+
+def test_evaluate_builds_a_flux_run(monkeypatch, tmp_path):
+    """ddpo-evaluate builds a FLUX run's model through the same allow-list and its pipeline from the run's config."""
+    import ddpo.evaluation
+
+    class Built(Exception):
+        pass
+
+    def evaluate(pipeline, prompts, seeds, rewards, batch_size):
+        raise Built(type(pipeline).__name__)
+
+    monkeypatch.setattr(ddpo.evaluation, "evaluate", evaluate)
+    overrides = ["experiment=tiny_flux_compressibility"]
+    with pytest.raises(Built) as stop:
+        evaluate_tool.main([*overrides, "--device", "cpu", "--out", str(tmp_path)])
+    assert stop.value.args[0] == "FluxDDPOPipeline"
+
+
+def test_reward_server_target_is_imported_from_where_it_starts(tmp_path, monkeypatch):
+    """``--target my_module.MyReward`` started in the project that holds my_module.py: neither the clone's
+    script nor the console script has the current directory on sys.path, so the server adds it (last)."""
+    from ddpo.tools import reward_server
+
+    (tmp_path / "my_reward_module.py").write_text(
+        "from ddpo.rewards.base import Reward\n\n\n"
+        "class MyReward(Reward):\n"
+        "    def __init__(self, threshold=0.5):\n"
+        "        self.threshold = threshold\n\n"
+        "    def __call__(self, images, prompts, metadata):\n"
+        "        return images.mean(dim=(1, 2, 3)), {}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_reward_module", raising=False)
+    reward, name, target = reward_server.build_reward(["threshold=0.25"], "my_reward_module.MyReward")
+    assert (name, target, reward.threshold) == ("MyReward", "my_reward_module.MyReward", 0.25)
+    assert sys.path[-1] == str(tmp_path)

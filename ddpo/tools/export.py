@@ -36,8 +36,8 @@ from ddpo.tools.sample import (  # this project's loaders, and how ddpo-sample s
     NUM_PROMPTS,
     apply_trained,
     check_device,
-    is_flow,
     load_base,
+    prepare_sampler,
     run_prompts,
     sample_rows,
 )
@@ -332,16 +332,13 @@ def sample_grid(source: Source, cfg, prompts: list[str], seeds: list[int], devic
     As ddpo-sample samples: DDIM, or for a flow run the SD3 pipeline's own Euler ODE with
     ``pipeline.eval_num_steps`` (the run's evaluation sampler).
     """
-    from diffusers import DDIMScheduler
-
     from ddpo.logging import image_grid
 
     try:
         pipe, _ = load_base(source.run_dir, model_path)
     except SystemExit as stop:  # ddpo-sample's one-line refusal (the config, the loader, the model)
         fail(f"{str(stop.code).removeprefix('error: ')}; or --no-sample to skip the samples")
-    if not is_flow(cfg):  # DDPO's sampler; a flow model keeps its FlowMatchEulerDiscreteScheduler
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prepare_sampler(pipe, cfg)  # DDPO's sampler; a flow model keeps its FlowMatchEulerDiscreteScheduler
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     base = sample_rows(pipe, prompts, seeds, cfg, device)
@@ -777,8 +774,8 @@ def card_samples(args, source: Source, cfg, prompts: list[str], seeds: list[int]
     """(the card's sample grid or None, its caption): sampled here, or the run's own last logged grid."""
     if not args.no_sample and family == "other":
         print(
-            f"pipeline={pipeline}: not sampled here (ddpo-sample samples the DDIM and flow-matching "
-            "families); the card shows the run's images"
+            f"pipeline={pipeline}: not sampled here (the card samples only the DDIM and SD3 flow-matching "
+            "families; ddpo-sample also samples pipeline=flux); the card shows the run's images"
         )
     if args.no_sample or family == "other":
         grid = logged_grid(source.run_dir)

@@ -11,8 +11,9 @@ The base model is the run's own model config (from <run>/.hydra/config.yaml) unl
 is given. The trained weights are <run>/final (LoRA in diffusers format, or a full UNet or transformer), or those of
 a checkpoint when its directory (<run>/checkpoints/checkpoint_<epoch>) is given instead.
 Rows are prompts (base, then trained, with --baseline), columns are seeds. A flow-matching run
-(pipeline=flow_sde) is sampled as it is evaluated: diffusers' StableDiffusion3Pipeline, the Euler ODE
-with the run's pipeline.eval_num_steps.
+(pipeline=flow_sde, pipeline=flux) is sampled as it is evaluated: diffusers' StableDiffusion3Pipeline
+or FluxPipeline, the Euler ODE with the run's pipeline.eval_num_steps (for FLUX, with its distilled
+guidance, pipeline.true_cfg_scale and pipeline.shift as the run's pipeline uses them).
 Everything it is given (seeds, device, --out, the run's config) is checked before a model is built:
 a mistake ends in one line (``error: ...``, exit status 1).
 """
@@ -36,8 +37,15 @@ KNOWN_LOADERS = {
     "ddpo.models.tiny_flow_model": ("path", "seed", "resolution", "drop_t5"),
     "ddpo.models.sd3_architecture": ("seed", "resolution"),
     "ddpo.models.tiny_shapes_flow_model": ("path", "resolution"),
+    "ddpo.models.load_flux": ("path", "revision", "variant"),
+    "ddpo.models.tiny_flux_model": ("path", "seed", "resolution", "guidance"),
+    "ddpo.models.flux_architecture": ("seed", "resolution", "num_layers", "num_single_layers"),
 }
 FLOW_PIPELINE = "ddpo.pipelines.FlowMatchingDDPOPipeline"  # runs are sampled with diffusers' SD3 pipeline (ODE)
+FLUX_PIPELINE = "ddpo.pipelines.FluxDDPOPipeline"  # runs are sampled with diffusers' FluxPipeline (ODE)
+# the flow-matching pipelines (sampled with the diffusers pipeline's own Euler ODE, as they evaluate) and the
+# loader of their base model when --model-path names it
+FLOW_LOADERS = {FLOW_PIPELINE: "load_stable_diffusion_3", FLUX_PIPELINE: "load_flux"}
 MAX_RESOLUTION = config.MAX_RESOLUTION  # the training config's limit on the image side (ddpo/config.py)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # what the grid is written as (PIL, by the extension)
 # the sampler's settings in the run's config: DDIM as the run samples, the ODE as a flow run evaluates
@@ -51,6 +59,8 @@ FLOW_SAMPLER = {
     "guidance_scale": "pipeline.guidance_scale",
     "max_sequence_length": "pipeline.max_sequence_length",
 }
+# FLUX: guidance_scale is its distilled guidance (FluxPipeline's too); true CFG is true_cfg_scale (off at 1)
+FLUX_SAMPLER = {**FLOW_SAMPLER, "true_cfg_scale": "pipeline.true_cfg_scale"}
 COUNTS = ("num_inference_steps", "max_sequence_length")  # the sampler settings that are positive integers
 DEFAULT_PROMPTS = ["a cat", "a dog", "a horse"]  # when the run's prompt set cannot be built here
 NUM_PROMPTS = 3  # prompts of the run's prompt set drawn when --prompts is not given
@@ -65,9 +75,14 @@ KNOWN_PROMPT_SETS = {
 }
 
 
-def is_flow(cfg) -> bool:
+def pipeline_target(cfg) -> str | None:
     pipeline = cfg.get("pipeline")
-    return hasattr(pipeline, "get") and pipeline.get("_target_") == FLOW_PIPELINE
+    return pipeline.get("_target_") if hasattr(pipeline, "get") else None
+
+
+def is_flow(cfg) -> bool:
+    """A flow-matching run (SD3 or FLUX): sampled with its diffusers pipeline's ODE, not with DDIM."""
+    return pipeline_target(cfg) in FLOW_LOADERS
 
 
 def run_prompts(cfg, count: int = NUM_PROMPTS) -> tuple[list[str], str | None]:
@@ -176,7 +191,8 @@ def sampler_settings(cfg, config_file: str = "the run's config") -> dict:
     from omegaconf import OmegaConf
 
     settings = {}
-    for name, key in (FLOW_SAMPLER if is_flow(cfg) else DDIM_SAMPLER).items():
+    keys = FLUX_SAMPLER if pipeline_target(cfg) == FLUX_PIPELINE else FLOW_SAMPLER if is_flow(cfg) else DDIM_SAMPLER
+    for name, key in keys.items():
         try:
             value = OmegaConf.select(cfg, key, default=None)
         except Exception as exc:
@@ -187,13 +203,40 @@ def sampler_settings(cfg, config_file: str = "the run's config") -> dict:
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(f"{config_file}: {key} must be a number (got {value!r})")
         settings[name] = value
+    if pipeline_target(cfg) == FLUX_PIPELINE:
+        try:
+            shift = OmegaConf.select(cfg, "pipeline.shift", default=None)
+        except Exception as exc:
+            fail(f"{config_file}: pipeline.shift cannot be read ({first_line(exc)})")
+        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0):
+            fail(f"{config_file}: pipeline.shift must be a number > 0 or null (got {shift!r})")
+        if settings["true_cfg_scale"] > 1:  # the run's true CFG: the empty prompt is the negative
+            settings["negative_prompt"] = ""
     return settings
+
+
+def prepare_sampler(pipe, cfg) -> None:
+    """The base model's scheduler as the run samples: DDIM (DDPO's sampler), or a flow model's own Euler
+    scheduler (FLUX with a fixed ``pipeline.shift`` instead of its dynamic one, as ddpo/pipelines/flux.py)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    from omegaconf import OmegaConf
+
+    if not is_flow(cfg):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif pipeline_target(cfg) == FLUX_PIPELINE:
+        shift = OmegaConf.select(cfg, "pipeline.shift", default=None)
+        if shift is not None:
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+                pipe.scheduler.config, use_dynamic_shifting=False, shift=shift
+            )
 
 
 def check_fits(pipe, cfg, config_file: str) -> None:
     """What only the loaded model can say: the image side its VAE (and patches) divide, and its timesteps."""
     resolution = cfg.model.resolution
-    factor = getattr(pipe, "vae_scale_factor", 1) * (getattr(pipe, "patch_size", None) or 1)
+    # FLUX packs its latents in 2x2 patches outside the transformer (FluxPipeline has no patch_size)
+    patch = 2 if pipeline_target(cfg) == FLUX_PIPELINE else getattr(pipe, "patch_size", None) or 1
+    factor = getattr(pipe, "vae_scale_factor", 1) * patch
     if resolution % factor:
         fail(f"{config_file}: model.resolution={resolution} must be a multiple of {factor} for this model")
     steps = sampler_settings(cfg, config_file)["num_inference_steps"]
@@ -234,7 +277,7 @@ def plan_base(run_dir: str, model_path: str | None):
     cfg = read_config(run_dir)
     config_file = os.path.join(run_dir, ".hydra", "config.yaml")
     if model_path:
-        loader = models.load_stable_diffusion_3 if is_flow(cfg) else models.load_stable_diffusion
+        loader = getattr(models, FLOW_LOADERS.get(pipeline_target(cfg), "load_stable_diffusion"))
         target, kwargs = loader.__name__, {"path": model_path}
     else:
         from omegaconf import OmegaConf
@@ -274,14 +317,14 @@ def load_base(run_dir: str, model_path: str | None):
 
 
 def apply_trained(pipe, weights_dir: str) -> str:
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     kind = trained_kind(weights_dir)
     try:
         if kind == "LoRA":
             pipe.load_lora_weights(weights_dir)
-        elif kind == "full transformer":
-            pipe.transformer = SD3Transformer2DModel.from_pretrained(os.path.join(weights_dir, "transformer"))
+        elif kind == "full transformer":  # the base model's class: SD3Transformer2DModel, FluxTransformer2DModel
+            pipe.transformer = type(pipe.transformer).from_pretrained(os.path.join(weights_dir, "transformer"))
         else:
             pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(weights_dir, "unet"))
     except Exception as exc:  # diffusers/peft/safetensors raise many types; all mean "cannot load these weights"
@@ -335,13 +378,10 @@ def main(argv=None) -> None:
         if why:
             print(f"note: sampling {prompts} ({why}; give --prompts)")
 
-    from diffusers import DDIMScheduler
-
     from ddpo.logging import image_grid
 
     pipe = build_base()
-    if not is_flow(cfg):  # DDPO's sampler; a flow model keeps its FlowMatchEulerDiscreteScheduler
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prepare_sampler(pipe, cfg)  # DDPO's sampler; a flow model keeps its FlowMatchEulerDiscreteScheduler
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     images, captions = [], []

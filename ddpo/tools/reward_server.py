@@ -10,9 +10,9 @@
 
 Hydra overrides compose the reward exactly as ``train.py`` would (``conf/reward/<name>.yaml`` and
 its keys); with ``--target`` the class is built with the ``key=value`` arguments instead (values
-parsed as YAML; the class must be importable: run from its project or put it on PYTHONPATH). The
-model is loaded once; requests are decoded in parallel and scored one at a time. Each request is
-logged as one line on stderr; SIGTERM or Ctrl-C stops the server cleanly.
+parsed as YAML; the class must be importable: start the server in its project, or put it on
+PYTHONPATH). The model is loaded once; requests are decoded in parallel and scored one at a time.
+Each request is logged as one line on stderr; SIGTERM or Ctrl-C stops the server cleanly.
 
 Every resource a client can claim is bounded: connections are served by one event loop (a slow or
 idle one holds no thread), each request must arrive within ``--timeout``, bodies are limited by
@@ -66,11 +66,17 @@ HEADER_LIMIT = 64 * 1024  # bytes of a request's line and headers together
 
 
 def build_reward(overrides: list[str], target: str | None):
-    """(reward, its name, its class path) from Hydra overrides, or from ``--target`` and ``key=value`` arguments."""
+    """(reward, its name, its class path) from Hydra overrides, or from ``--target`` and ``key=value`` arguments.
+
+    A class of your own is imported from where the server starts, as ``python -m`` would find it (the current
+    directory is looked in last: this project's modules and installed packages come first), or from PYTHONPATH.
+    """
     from omegaconf import OmegaConf
 
     from ddpo.config import _instantiate
 
+    if os.getcwd() not in sys.path:  # neither scripts/reward_server.py nor the console script puts it there
+        sys.path.append(os.getcwd())
     if target:
         kwargs = [o.removeprefix("reward.") for o in overrides]
         bad = [o for o in kwargs if "=" not in o or o.startswith(("+", "~"))]

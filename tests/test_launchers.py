@@ -172,6 +172,27 @@ def test_plot_runs_takes_a_label_per_run(tmp_path):
     assert short.returncode != 0 and "1 --label for 2 runs" in short.stderr.strip().splitlines()[-1]
 
 
+def test_plot_runs_counts_epochs_trained_not_evaluations(tmp_path):
+    """A run evaluated every 10 epochs for 30: its summary says 30 epochs and 4 records (was: 4 "epochs")."""
+    _fake_run(tmp_path / "a", ["experiment=testbed"], [0.5] * 30)
+    with open(tmp_path / "a" / "eval.jsonl", "w") as handle:
+        for epoch in (0, 10, 20, 30):
+            handle.write(json.dumps({"epoch": epoch, "eval_shape_alignment_correct": 0.3 + epoch / 100}) + "\n")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(PLOT_RUNS), str(tmp_path / "a"), "--out-dir", str(out)]
+        + ["--metric", "eval_shape_alignment_correct"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    with open(out / "summary.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert (int(row["epochs"]), int(row["records"])) == (30, 4)
+    assert float(row["final_eval_shape_alignment_correct"]) == pytest.approx(0.6)
+
+
 def test_plot_runs_without_metrics_says_so(tmp_path):
     result = subprocess.run(
         [sys.executable, str(PLOT_RUNS), str(tmp_path)], capture_output=True, text=True, timeout=120

@@ -116,14 +116,17 @@ def read_series(run_dir: str, metric: str, x: str, max_minutes: float | None) ->
     return [r for r in records if max_minutes is None or r["minutes"] <= max_minutes]
 
 
-def summarise(run: str, label: str, items: list[str], records: list[dict], metric: str) -> dict:
+def summarise(run: str, label: str, items: list[str], records: list[dict], metric: str, evals: bool) -> dict:
+    """One row of summary.csv. ``epochs`` is the epochs trained at the last record: an eval.jsonl record's
+    ``epoch`` (epochs trained), a metrics.jsonl record's epoch + 1 (it counts its own); ``records`` the points."""
     values = [r[metric] for r in records if metric in r]
     last = records[-1] if records else {}
     return {
         "run": run,
         "label": label,
         "overrides": " ".join(items),
-        "epochs": len(records),
+        "epochs": (last["epoch"] + (0 if evals else 1)) if records else 0,
+        "records": len(records),
         f"final_{metric}": last.get(metric, ""),
         "final_reward_std": last.get("reward_std", ""),
         f"best_{metric}": max(values) if values else "",
@@ -229,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     metric = metrics[0]
     records = [recs for _, recs, m in series if m == metric]  # one per run, in run order
     rows = [
-        summarise(run, label, items, recs, metric) for run, label, items, recs in zip(runs, labels, overrides, records)
+        summarise(run, label, items, recs, metric, source_file(run, metric) == EVAL_FILE)
+        for run, label, items, recs in zip(runs, labels, overrides, records)
     ]
     table = os.path.join(out_dir, "summary.csv")
     with open(table, "w", newline="") as handle:
@@ -237,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     for row in rows:
-        print(f"{row['label']}: {row['epochs']} records, final {metric} {row[f'final_{metric}']}")
+        print(
+            f"{row['label']}: {row['epochs']} epochs, {row['records']} records, final {metric} {row[f'final_{metric}']}"
+        )
     print(f"wrote {png} and {table}")
     return 0
 

@@ -43,6 +43,16 @@ from ddpo.pipelines.flow import FlowMatchingDDPOPipeline, _Schedule
 PACK = 2  # FLUX packs 2x2 latent patches into one token
 
 
+def with_fixed_shift(scheduler, shift: float | None):
+    """The scheduler with a fixed ``shift`` instead of FLUX.1-dev's resolution-dependent one (DanceGRPO's 3 at
+    every resolution), or itself when ``shift`` is None or already fixed at that value."""
+    if shift is None or (not scheduler.config.get("use_dynamic_shifting") and scheduler.config.get("shift") == shift):
+        return scheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, use_dynamic_shifting=False, shift=shift)
+
+
 class FluxDDPOPipeline(FlowMatchingDDPOPipeline):
     """Wraps a diffusers ``FluxPipeline``; its Euler steps become Flow-GRPO's SDE steps with log probabilities."""
 
@@ -102,14 +112,7 @@ class FluxDDPOPipeline(FlowMatchingDDPOPipeline):
     def _schedule(self, num_steps: int) -> _Schedule:
         """diffusers' FluxPipeline schedule: sigmas linspace(1, 1/n, n), shifted by mu (dynamic shifting), or
         by a fixed ``shift`` when one is given (DanceGRPO: shift 3 at every resolution)."""
-        if self.shift is not None and (
-            self.scheduler.config.get("use_dynamic_shifting") or self.scheduler.config.get("shift") != self.shift
-        ):
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-                self.scheduler.config, use_dynamic_shifting=False, shift=self.shift
-            )
+        self.scheduler = with_fixed_shift(self.scheduler, self.shift)
         sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
         return _Schedule(
             self.scheduler,

@@ -85,6 +85,23 @@ def is_flow(cfg) -> bool:
     return pipeline_target(cfg) in FLOW_LOADERS
 
 
+def is_flux(cfg) -> bool:
+    return pipeline_target(cfg) == FLUX_PIPELINE
+
+
+def flux_shift(cfg, config_file: str = "the run's config") -> float | None:
+    """A FLUX run's fixed ``pipeline.shift`` (None: FLUX's own, resolution-dependent shift), checked."""
+    from omegaconf import OmegaConf
+
+    try:
+        shift = OmegaConf.select(cfg, "pipeline.shift", default=None)
+    except Exception as exc:
+        fail(f"{config_file}: pipeline.shift cannot be read ({first_line(exc)})")
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0):
+        fail(f"{config_file}: pipeline.shift must be a number > 0 or null (got {shift!r})")
+    return shift
+
+
 def run_prompts(cfg, count: int = NUM_PROMPTS) -> tuple[list[str], str | None]:
     """(``count`` distinct prompts of the run's own prompt set (seeded draws), None), or
     (DEFAULT_PROMPTS, why the run's set could not be drawn from here)."""
@@ -191,7 +208,7 @@ def sampler_settings(cfg, config_file: str = "the run's config") -> dict:
     from omegaconf import OmegaConf
 
     settings = {}
-    keys = FLUX_SAMPLER if pipeline_target(cfg) == FLUX_PIPELINE else FLOW_SAMPLER if is_flow(cfg) else DDIM_SAMPLER
+    keys = FLUX_SAMPLER if is_flux(cfg) else FLOW_SAMPLER if is_flow(cfg) else DDIM_SAMPLER
     for name, key in keys.items():
         try:
             value = OmegaConf.select(cfg, key, default=None)
@@ -203,13 +220,8 @@ def sampler_settings(cfg, config_file: str = "the run's config") -> dict:
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(f"{config_file}: {key} must be a number (got {value!r})")
         settings[name] = value
-    if pipeline_target(cfg) == FLUX_PIPELINE:
-        try:
-            shift = OmegaConf.select(cfg, "pipeline.shift", default=None)
-        except Exception as exc:
-            fail(f"{config_file}: pipeline.shift cannot be read ({first_line(exc)})")
-        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0):
-            fail(f"{config_file}: pipeline.shift must be a number > 0 or null (got {shift!r})")
+    if is_flux(cfg):
+        flux_shift(cfg, config_file)  # checked here, before a model is built; prepare_sampler uses it
         if settings["true_cfg_scale"] > 1:  # the run's true CFG: the empty prompt is the negative
             settings["negative_prompt"] = ""
     return settings
@@ -218,24 +230,22 @@ def sampler_settings(cfg, config_file: str = "the run's config") -> dict:
 def prepare_sampler(pipe, cfg) -> None:
     """The base model's scheduler as the run samples: DDIM (DDPO's sampler), or a flow model's own Euler
     scheduler (FLUX with a fixed ``pipeline.shift`` instead of its dynamic one, as ddpo/pipelines/flux.py)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-    from omegaconf import OmegaConf
+    from diffusers import DDIMScheduler
 
     if not is_flow(cfg):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    elif pipeline_target(cfg) == FLUX_PIPELINE:
-        shift = OmegaConf.select(cfg, "pipeline.shift", default=None)
-        if shift is not None:
-            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-                pipe.scheduler.config, use_dynamic_shifting=False, shift=shift
-            )
+    elif is_flux(cfg):
+        from ddpo.pipelines.flux import with_fixed_shift
+
+        pipe.scheduler = with_fixed_shift(pipe.scheduler, flux_shift(cfg))
 
 
 def check_fits(pipe, cfg, config_file: str) -> None:
     """What only the loaded model can say: the image side its VAE (and patches) divide, and its timesteps."""
     resolution = cfg.model.resolution
-    # FLUX packs its latents in 2x2 patches outside the transformer (FluxPipeline has no patch_size)
-    patch = 2 if pipeline_target(cfg) == FLUX_PIPELINE else getattr(pipe, "patch_size", None) or 1
+    from ddpo.pipelines.flux import PACK  # FLUX packs 2x2 latent patches outside the transformer (no patch_size)
+
+    patch = PACK if is_flux(cfg) else getattr(pipe, "patch_size", None) or 1
     factor = getattr(pipe, "vae_scale_factor", 1) * patch
     if resolution % factor:
         fail(f"{config_file}: model.resolution={resolution} must be a multiple of {factor} for this model")
